@@ -1,0 +1,132 @@
+"""Training throughput of model/ against PyTorch on the same batches.
+
+    python bench/train_throughput.py [--hidden 128 256 512] [--repeats 3]
+
+Prints characters per second for B=64, T=64, float32 on the shakespeare corpus
+(../shared/corpora/shakespeare.txt), interleaving numpy and torch runs
+(numpy, torch, numpy, torch, ...) because this machine is shared and noisy,
+then a table of medians with the ratio numpy/torch. The numpy side runs the
+real training loop (model.train.Trainer: batching, BPTT, clipping, Adam); the
+torch side is nn.RNN(tanh) on one-hot input + nn.Linear, Adam, clip 5, two
+threads. Without torch installed (pip install -e '.[bench]') only numpy runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from model.data import Streams  # noqa: E402
+from model.train import TrainConfig, Trainer  # noqa: E402
+from model.vocab import Vocab  # noqa: E402
+
+CORPUS = ROOT.parent / "shared" / "corpora" / "shakespeare.txt"
+B, T, THREADS, LR, CLIP = 64, 64, 2, 2e-3, 5.0
+WARMUP = 5
+
+
+def steps_for(hidden: int) -> int:
+    return max(20, int(60 * (256 / hidden) ** 1.5))
+
+
+def numpy_run(text: str, hidden: int, steps: int) -> float:
+    """Characters per second of the real training loop, warm-up steps excluded."""
+    cfg = TrainConfig(
+        hidden_size=hidden,
+        seq_length=T,
+        batch_size=B,
+        learning_rate=LR,
+        grad_clip=CLIP,
+        max_steps=WARMUP + steps,
+        val_fraction=0.0,
+        log_every=WARMUP,
+        eval_every=10**9,
+    )
+    trainer = Trainer(text, cfg, threads=THREADS)
+    marks = [(e.step, time.perf_counter()) for e in trainer.run()]
+    (s0, t0), (s1, t1) = marks[0], marks[-1]
+    return (s1 - s0) * B * T / (t1 - t0)
+
+
+def torch_run(text: str, hidden: int, steps: int) -> float:
+    import torch
+
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(0)
+    vocab = Vocab.from_text(text)
+    V = len(vocab)
+    streams = Streams.fit(vocab.encode(text), T, B, seed=0)
+    rnn = torch.nn.RNN(V, hidden, nonlinearity="tanh")
+    head = torch.nn.Linear(hidden, V)
+    params = list(rnn.parameters()) + list(head.parameters())
+    opt = torch.optim.Adam(params, lr=LR)
+    h = torch.zeros(1, B, hidden)
+    start = 0.0
+    for i in range(WARMUP + steps):
+        if i == WARMUP:
+            start = time.perf_counter()
+        X, Y = streams.chunk(0, i % streams.chunks_per_epoch)
+        x = torch.nn.functional.one_hot(torch.from_numpy(X.astype(np.int64)), V).float()
+        out, h = rnn(x, h)
+        loss = torch.nn.functional.cross_entropy(
+            head(out).reshape(-1, V), torch.from_numpy(Y.astype(np.int64)).reshape(-1)
+        )
+        opt.zero_grad()
+        loss.backward()  # type: ignore[no-untyped-call]
+        torch.nn.utils.clip_grad_norm_(params, CLIP)
+        opt.step()
+        h = h.detach()
+    return steps * B * T / (time.perf_counter() - start)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--hidden", type=int, nargs="+", default=[128, 256, 512])
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    text = CORPUS.read_text(encoding="utf-8")
+    try:
+        import torch
+
+        has_torch = True
+        torch_version = str(torch.__version__)
+    except ImportError:
+        has_torch, torch_version = False, "not installed"
+    print(
+        f"# {time.strftime('%Y-%m-%d')} {platform.machine()} {os.cpu_count()} cpus, "
+        f"numpy {np.__version__}, torch {torch_version}, B={B} T={T} float32"
+    )
+    results: dict[tuple[str, int], list[float]] = {}
+    for rep in range(args.repeats):
+        for hidden in args.hidden:
+            n = steps_for(hidden)
+            runs = [("numpy", numpy_run)] + ([("torch", torch_run)] if has_torch else [])
+            for name, fn in runs:
+                cps = fn(text, hidden, n)
+                results.setdefault((name, hidden), []).append(cps)
+                print(
+                    f"run {rep + 1} H={hidden:<4d} {name:<6s} {cps / 1e3:8.1f}k chars/s", flush=True
+                )
+    print()
+    print(f"{'H':>5s} {'numpy chars/s':>14s} {'torch chars/s':>14s} {'numpy/torch':>12s}")
+    for hidden in args.hidden:
+        np_med = statistics.median(results[("numpy", hidden)])
+        if has_torch:
+            t_med = statistics.median(results[("torch", hidden)])
+            print(f"{hidden:5d} {np_med / 1e3:13.1f}k {t_med / 1e3:13.1f}k {np_med / t_med:11.2f}x")
+        else:
+            print(f"{hidden:5d} {np_med / 1e3:13.1f}k {'-':>14s} {'-':>12s}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""From a corpus to (T, B) batches: train/validation split and parallel streams."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import CorpusError
+
+
+def split(ids: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Train on the head, validate on the tail ``val_fraction`` of the corpus."""
+    n_val = int(len(ids) * val_fraction)
+    if n_val < 2:
+        return ids, ids[:0]
+    return ids[: len(ids) - n_val], ids[len(ids) - n_val :]
+
+
+def check_trainable(n_chars: int, n_distinct: int, seq_length: int) -> None:
+    if n_chars == 0:
+        raise CorpusError("the corpus is empty")
+    if n_distinct < 2:
+        raise CorpusError(
+            "the corpus has only one distinct character; at least 2 are needed to learn anything"
+        )
+    if n_chars < seq_length + 1:
+        raise CorpusError(
+            f"the training part of the corpus has {n_chars} characters; at least "
+            f"seq_length + 1 = {seq_length + 1} are needed for one training chunk"
+        )
+
+
+@dataclass(frozen=True)
+class Streams:
+    """B parallel streams over ``ids``, read in chunks of T with the state carried over.
+
+    Stream b reads ids[offset + b*L : offset + (b+1)*L + 1]; an epoch is
+    ``chunks_per_epoch`` chunks. The offset moves each epoch (from the seed) so
+    the characters a stream length leaves over are trained on too.
+    """
+
+    ids: np.ndarray
+    T: int
+    B: int
+    seed: int
+
+    @classmethod
+    def fit(cls, ids: np.ndarray, T: int, B: int, seed: int) -> Streams:
+        """Shrink B so every stream holds at least one chunk (small corpora)."""
+        B_fit = max(1, min(B, (len(ids) - 1) // T))
+        return cls(ids, T, B_fit, seed)
+
+    @property
+    def stream_length(self) -> int:
+        return (len(self.ids) - 1) // self.B
+
+    @property
+    def chunks_per_epoch(self) -> int:
+        return self.stream_length // self.T
+
+    def offset(self, epoch: int) -> int:
+        slack = len(self.ids) - 1 - self.B * self.chunks_per_epoch * self.T
+        if slack <= 0:
+            return 0
+        return int(np.random.default_rng([self.seed, epoch]).integers(0, slack + 1))
+
+    def chunk(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(X, Y), both (T, B): X[t, b] is a character, Y[t, b] the one after it."""
+        L = self.chunks_per_epoch * self.T
+        starts = self.offset(epoch) + np.arange(self.B) * L + index * self.T  # (B,)
+        pos = starts[None, :] + np.arange(self.T)[:, None]  # (T, B)
+        return self.ids[pos], self.ids[pos + 1]
+
+
+def eval_chunks(ids: np.ndarray, T: int, B: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Cover ids with B streams (fewer if short), chunks of up to T; state carried over."""
+    B = max(1, min(B, (len(ids) - 1) // max(T, 1)))
+    L = (len(ids) - 1) // B
+    starts = np.arange(B) * L
+    for t0 in range(0, L, T):
+        pos = starts[None, :] + np.arange(t0, min(t0 + T, L))[:, None]
+        yield ids[pos], ids[pos + 1]

@@ -1,0 +1,435 @@
+"""Inference for the basic RNN: state updates, next-character distributions,
+sampling and scoring.
+
+    a_t = tanh(Waa a_{t-1} + Wax[:, x_t] + ba)      a_0 = 0
+    y_t = softmax(Wya a_t + by)
+
+Pure functions over arrays: no I/O, no globals, the caller's arrays are never
+modified, randomness only through an explicit ``np.random.Generator``.
+
+Speed comes from the same two tricks as ``rnn.py``: the input layer is a gather
+of Wax columns done for all characters at once (``Wax @ one_hot(x)`` is column
+x), and the serial part is a loop of in-place BLAS matrix-vector products into
+preallocated rows, so a prompt costs no per-character allocation. Anything
+probabilistic (softmax, log-probabilities, entropy) is done in float64 whatever
+the parameter dtype, because float32 log-probabilities summed over long texts
+lose digits that perplexity and sampling thresholds care about.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Generator, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from .params import Params
+from .vocab import Vocab
+
+FinishReason = Literal["length", "stop"]
+IdsLike = npt.NDArray[np.integer] | Sequence[int]
+F64 = npt.NDArray[np.float64]
+
+__all__ = [
+    "FinishReason",
+    "SampleStream",
+    "ScoreSummary",
+    "advance",
+    "entropy_bits",
+    "initial_state",
+    "iter_sample",
+    "log_softmax",
+    "next_distribution",
+    "sample",
+    "score",
+    "score_summary",
+]
+
+
+# --------------------------------------------------------------------------- state
+
+
+def initial_state(params: Params) -> np.ndarray:
+    """a_0 = 0: the state before any character, in the parameter dtype."""
+    return np.zeros(params.n_a, dtype=params.dtype)
+
+
+def _check_state(params: Params, h: np.ndarray) -> None:
+    if h.shape != (params.n_a,):
+        raise ValueError(f"hidden state must have shape ({params.n_a},), got {h.shape}")
+
+
+def _check_ids(params: Params, ids: IdsLike) -> npt.NDArray[np.intp]:
+    """Validated 1-D indices; out-of-range ones would silently wrap in a gather."""
+    arr = np.asarray(ids)
+    if arr.ndim != 1:
+        raise ValueError(f"ids must be a 1-D array of character indices, got shape {arr.shape}")
+    if arr.size == 0:
+        return np.empty(0, dtype=np.intp)
+    if arr.dtype.kind not in "iu":
+        raise ValueError(f"ids must be integers, got dtype {arr.dtype}")
+    if arr.size <= 16:  # two numpy reductions cost more than this for a few chars
+        values = arr.tolist()
+        lo, hi = min(values), max(values)
+    else:
+        lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi >= params.n_x:
+        raise ValueError(f"ids must lie in [0, {params.n_x}), got values in [{lo}, {hi}]")
+    return arr.astype(np.intp, copy=False)
+
+
+def _inputs(params: Params, ids: npt.NDArray[np.intp]) -> np.ndarray:
+    """(T, n_a) input pre-activations Wax[:, x_t] + ba: one gather for all t, a new array.
+
+    Rows of Wax.T are strided, so a few are gathered directly, while many are
+    cheaper from one contiguous copy of Wax.T (what np.take does internally).
+    """
+    WaxT = params.Wax.T
+    z = WaxT[ids] if ids.size < params.n_x else np.take(WaxT, ids, axis=0)
+    z += params.ba[:, 0]
+    return z
+
+
+def _recur_inplace(Waa: np.ndarray, h: np.ndarray, z: np.ndarray) -> None:
+    """Turn the input rows z[t] into the states a_t, starting from h.
+
+    Rows of z double as the output, and one scratch vector holds Waa a_{t-1},
+    so the loop allocates nothing but the row views.
+    """
+    dot, add, tanh = np.dot, np.add, np.tanh  # local names: this loop is the hot path
+    buf = np.empty_like(h)
+    prev = h
+    for row in z:
+        dot(Waa, prev, out=buf)
+        add(row, buf, out=row)
+        tanh(row, out=row)
+        prev = row
+
+
+def advance(params: Params, h: np.ndarray, ids: IdsLike) -> np.ndarray:
+    """State after feeding ``ids`` (1-D character indices) starting from state ``h``.
+
+    Returns a new (n_a,) array in the parameter dtype; ``h`` is left untouched, so
+    one prompt state can be branched into many continuations.
+    """
+    _check_state(params, h)
+    idx = _check_ids(params, ids)
+    h0 = h.astype(params.dtype, copy=True)  # copy: never alias the caller's array
+    if idx.size == 0:
+        return h0
+    z = _inputs(params, idx)
+    _recur_inplace(params.Waa, h0, z)
+    out: np.ndarray = z[-1].copy()  # copy: don't keep the whole (T, n_a) buffer alive
+    return out
+
+
+# --------------------------------------------------------------------------- distributions
+
+
+def log_softmax(logits: npt.ArrayLike) -> F64:
+    """log softmax along the last axis, in float64, shifted by the max for stability."""
+    x = np.array(logits, dtype=np.float64)  # always a fresh float64 copy
+    x -= x.max(axis=-1, keepdims=True)
+    x -= np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    return x
+
+
+def _logits(params: Params, h: np.ndarray) -> F64:
+    out: F64 = (params.Wya @ h + params.by[:, 0]).astype(np.float64)
+    return out
+
+
+def _check_temperature(temperature: float) -> None:
+    if not (temperature >= 0.0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+
+
+def next_distribution(params: Params, h: np.ndarray, temperature: float = 1.0) -> F64:
+    """Probabilities (float64, summing to 1) of the next character given state ``h``.
+
+    Logits are divided by ``temperature`` (> 1 flattens, < 1 sharpens);
+    temperature 0 is the limit of that: a one-hot on the argmax (greedy).
+    """
+    _check_state(params, h)
+    _check_temperature(temperature)
+    logits = _logits(params, h)
+    return _softmax_t(logits, temperature)
+
+
+def _softmax_t(logits: F64, temperature: float) -> F64:
+    """Softmax of logits / temperature in place on ``logits`` (ours, float64)."""
+    if temperature == 0.0:
+        probs = np.zeros_like(logits)
+        probs[int(np.argmax(logits))] = 1.0
+        return probs
+    # Shift before dividing: a tiny temperature then gives -inf (p = 0), never inf - inf.
+    logits -= logits.max()
+    if temperature != 1.0:
+        with np.errstate(over="ignore"):  # overflow to -inf is the intended limit
+            logits /= temperature
+    np.exp(logits, out=logits)
+    logits /= logits.sum()
+    return logits
+
+
+def entropy_bits(probs: npt.ArrayLike) -> float:
+    """Shannon entropy in bits of a distribution; zero-probability entries add 0."""
+    p = np.asarray(probs, dtype=np.float64)
+    nz = p[p > 0]
+    return float(-(nz * np.log2(nz)).sum())
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    _check_temperature(temperature)
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not (0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def _truncate(probs: F64, top_k: int | None, top_p: float | None) -> F64:
+    """Zero all but the top-k / nucleus of ``probs`` (in place) and renormalise.
+
+    A stable sort on -p breaks ties by index, exactly like argmax, so top_k=1 and
+    a tiny top_p both reduce to greedy decoding.
+    """
+    if top_k is None and top_p is None:
+        return probs
+    order = np.argsort(-probs, kind="stable")
+    keep = probs.size
+    if top_k is not None:
+        keep = min(keep, top_k)
+    if top_p is not None:
+        cum = np.cumsum(probs[order])
+        # smallest n with cum[n-1] >= top_p; clamp for rounding when top_p == 1
+        keep = min(keep, int(np.searchsorted(cum, top_p, side="left")) + 1)
+    probs[order[keep:]] = 0.0
+    probs /= probs.sum()
+    return probs
+
+
+def _draw(probs: F64, rng: np.random.Generator) -> int:
+    """Inverse-CDF draw; never picks a zero-probability entry (side='right')."""
+    cdf = np.cumsum(probs)
+    i = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
+    if i >= probs.size:  # u * total rounded up to total
+        i = int(np.flatnonzero(probs)[-1])
+    return i
+
+
+def _normalise_stop(stop: str | Sequence[str]) -> tuple[str, ...]:
+    stops = (stop,) if isinstance(stop, str) else tuple(stop)
+    if any(not isinstance(s, str) or s == "" for s in stops):
+        raise ValueError("stop strings must be non-empty strings")
+    return stops
+
+
+def _held_suffix(text: str, stops: tuple[str, ...], longest: int) -> int:
+    """Length of the longest suffix of ``text`` that begins some stop string.
+
+    Those characters can't be streamed yet: the next characters may complete a
+    stop string, which must then be withheld from the output.
+    """
+    for k in range(min(len(text), longest - 1), 0, -1):
+        tail = text[-k:]
+        if any(s.startswith(tail) for s in stops):
+            return k
+    return 0
+
+
+def _generate(
+    params: Params,
+    vocab: Vocab,
+    prompt_ids: npt.NDArray[np.intp],
+    max_chars: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    rng: np.random.Generator,
+    stops: tuple[str, ...],
+) -> Generator[str, None, FinishReason]:
+    h = advance(params, initial_state(params), prompt_ids)
+    emb = params.Wax.T + params.ba[:, 0]  # (n_x, n_a): input row per character, once
+    Waa, buf = params.Waa, np.empty_like(h)
+    longest = max((len(s) for s in stops), default=0)
+    pending = ""  # generated but not yet yielded: may be the start of a stop string
+    for n in range(max_chars):
+        logits = _logits(params, h)
+        if temperature == 0.0:  # greedy: no softmax, no randomness consumed
+            i = int(np.argmax(logits))
+        else:
+            i = _draw(_truncate(_softmax_t(logits, temperature), top_k, top_p), rng)
+        if not stops:
+            yield vocab.chars[i]
+        else:
+            pending += vocab.chars[i]
+            hit = [s for s in stops if pending.endswith(s)]
+            if hit:
+                # several may end here: cut at the earliest start, i.e. the longest
+                yield from pending[: len(pending) - max(len(s) for s in hit)]
+                return "stop"
+            k = _held_suffix(pending, stops, longest)
+            if k < len(pending):
+                yield from pending[: len(pending) - k]
+                pending = pending[len(pending) - k :]
+        if n + 1 < max_chars:  # the last state would never be used
+            np.dot(Waa, h, out=buf)
+            buf += emb[i]
+            np.tanh(buf, out=h)
+    yield from pending
+    return "length"
+
+
+class SampleStream(Iterator[str]):
+    """Iterator over generated characters; ``finish_reason`` is set once exhausted.
+
+    Characters that might begin a stop string are held back until the following
+    ones rule that out, so a stop string is never streamed to the caller.
+    """
+
+    def __init__(self, gen: Generator[str, None, FinishReason]) -> None:
+        self._gen = gen
+        self.finish_reason: FinishReason | None = None
+
+    def __iter__(self) -> SampleStream:
+        return self
+
+    def __next__(self) -> str:
+        try:
+            return next(self._gen)
+        except StopIteration as done:
+            self.finish_reason = done.value
+            raise
+
+
+def _rng(seed: int | None, rng: np.random.Generator | None) -> np.random.Generator:
+    if seed is not None and rng is not None:
+        raise ValueError("pass either seed or rng, not both")
+    return rng if rng is not None else np.random.default_rng(seed)
+
+
+def iter_sample(
+    params: Params,
+    vocab: Vocab,
+    prompt: str = "",
+    *,
+    max_chars: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    rng: np.random.Generator | None = None,
+    stop: str | Sequence[str] = (),
+) -> SampleStream:
+    """Stream a continuation of ``prompt`` (the prompt itself is not yielded).
+
+    Arguments are validated and the prompt encoded here, eagerly, so bad input
+    raises before a caller starts streaming a response. See :func:`sample`.
+    """
+    if len(vocab) != params.n_x:
+        raise ValueError(f"vocabulary has {len(vocab)} characters, model expects {params.n_x}")
+    if max_chars < 0:
+        raise ValueError(f"max_chars must be >= 0, got {max_chars}")
+    _check_sampling(temperature, top_k, top_p)
+    stops = _normalise_stop(stop)
+    generator = _rng(seed, rng)
+    prompt_ids = _check_ids(params, vocab.encode(prompt))  # UnknownCharactersError
+    return SampleStream(
+        _generate(params, vocab, prompt_ids, max_chars, temperature, top_k, top_p, generator, stops)
+    )
+
+
+def sample(
+    params: Params,
+    vocab: Vocab,
+    prompt: str = "",
+    *,
+    max_chars: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    rng: np.random.Generator | None = None,
+    stop: str | Sequence[str] = (),
+) -> tuple[str, FinishReason]:
+    """Generate up to ``max_chars`` characters after ``prompt``.
+
+    Returns (text without the prompt, finish_reason). temperature 0 is greedy;
+    top_k keeps the k likeliest characters, top_p the smallest set whose
+    probability reaches p (both after temperature). The same ``seed`` gives the
+    same text. Generation stops with reason "stop" as soon as the generated text
+    (the prompt is not considered) ends with a stop string, which is left out of
+    the result; otherwise the reason is "length".
+    """
+    stream = iter_sample(
+        params,
+        vocab,
+        prompt,
+        max_chars=max_chars,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        rng=rng,
+        stop=stop,
+    )
+    text = "".join(stream)
+    reason: FinishReason = stream.finish_reason or "length"  # always set once exhausted
+    return text, reason
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def score(params: Params, ids: IdsLike) -> F64:
+    """Natural-log probability of each character given the ones before it.
+
+    logprob[i] = log softmax(Wya a_i + by)[ids[i]], a_i the state after ids[:i]
+    (a_0 = 0, so the first character is scored from the empty prefix). All states
+    are kept, so the output layer is one (T, n_a) x (n_a, n_y) GEMM.
+    """
+    idx = _check_ids(params, ids)
+    T = idx.size
+    states = np.empty((T, params.n_a), dtype=params.dtype)
+    if T == 0:
+        return np.empty(0, dtype=np.float64)
+    states[0] = 0.0
+    states[1:] = _inputs(params, idx[:-1])
+    _recur_inplace(params.Waa, states[0], states[1:])
+    logits = states @ params.Wya.T
+    logits += params.by[:, 0]
+    logp = log_softmax(logits)
+    out: F64 = logp[np.arange(T), idx]
+    return out
+
+
+@dataclass(frozen=True)
+class ScoreSummary:
+    """Aggregates of per-character log-probabilities (natural log)."""
+
+    chars: int
+    mean_nats: float  # mean negative log-probability per character
+    bits_per_char: float
+    perplexity: float
+
+
+def score_summary(logprobs: npt.ArrayLike) -> ScoreSummary:
+    """Summarise :func:`score` output; an empty text has no mean, so it is an error."""
+    lp = np.asarray(logprobs, dtype=np.float64)
+    if lp.ndim != 1:
+        raise ValueError(f"logprobs must be 1-D, got shape {lp.shape}")
+    if lp.size == 0:
+        raise ValueError("text is empty")
+    mean_nats = float(-lp.mean())
+    return ScoreSummary(
+        chars=int(lp.size),
+        mean_nats=mean_nats,
+        bits_per_char=mean_nats / math.log(2.0),
+        perplexity=math.exp(mean_nats),
+    )

@@ -1,0 +1,449 @@
+"""Training: truncated BPTT over B parallel streams, with validation and resuming.
+
+    trainer = Trainer(text, TrainConfig(max_steps=2000))
+    for event in trainer.run():        # one Progress per log_every steps and per eval
+        print(event)                   # stop early: break, or should_stop=...
+    result = trainer.result()          # the best-validation weights, not just the last
+
+The batch is split into a fixed number of shards (two when B >= 2) whose
+gradients are computed in parallel threads, each with one BLAS thread: numpy
+releases the GIL inside BLAS and ufunc loops, and two single-threaded
+(B/2)-row GEMMs beat one two-threaded B-row GEMM at these sizes. The shard
+count depends only on B, never on the thread count, so results are bit-identical
+whatever ``threads`` is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Literal
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from . import data
+from .errors import ConfigError, CorpusError, DivergedError
+from .optim import OPTIMIZERS, Optimizer, clip_by_global_norm
+from .params import DTYPES, Params, init_params
+from .rnn import Workspace, loss_and_grads, loss_only
+from .vocab import Vocab
+
+StopReason = Literal["max_steps", "time_limit", "early_stopping", "stopped"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyperparameters; saved in every checkpoint. Defaults chosen by measurement."""
+
+    hidden_size: int = 256  # n_a
+    seq_length: int = 64  # T: characters per truncated-BPTT chunk
+    batch_size: int = 64  # B: parallel streams
+    learning_rate: float = 3e-3
+    optimizer: str = "adam"  # sgd | adagrad | adam
+    weight_decay: float = 0.0  # decoupled (AdamW-style) shrinkage per unit learning rate
+    grad_clip: float = 5.0  # max global L2 norm of the gradient; 0 = no clipping
+    max_steps: int | None = 2000  # None: until time_limit_s
+    time_limit_s: float | None = None  # wall-clock budget for training, evals included
+    val_fraction: float = 0.1  # tail of the corpus held out for validation
+    eval_every: int = 100  # steps between validation losses
+    patience: int | None = None  # stop after this many evals without improvement
+    lr_final: float = 0.1  # cosine decay of the learning rate to this fraction of it
+    dtype: str = "float32"  # float32 | float64
+    seed: int = 0
+    log_every: int = 10  # steps between progress events
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.hidden_size < 1:
+            problems.append("hidden_size must be >= 1")
+        if self.seq_length < 1:
+            problems.append("seq_length must be >= 1")
+        if self.batch_size < 1:
+            problems.append("batch_size must be >= 1")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            problems.append("learning_rate must be a finite number > 0")
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer must be one of {', '.join(OPTIMIZERS)}")
+        if not (math.isfinite(self.weight_decay) and 0 <= self.weight_decay <= 10):
+            problems.append("weight_decay must be in [0, 10]")
+        if not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
+            problems.append("grad_clip must be a finite number >= 0")
+        if self.max_steps is not None and self.max_steps < 1:
+            problems.append("max_steps must be >= 1 (or None)")
+        if self.time_limit_s is not None and not self.time_limit_s > 0:
+            problems.append("time_limit_s must be > 0 (or None)")
+        if self.max_steps is None and self.time_limit_s is None:
+            problems.append("set max_steps, time_limit_s or both")
+        if not 0 <= self.val_fraction < 1:
+            problems.append("val_fraction must be in [0, 1)")
+        if self.eval_every < 1 or self.log_every < 1:
+            problems.append("eval_every and log_every must be >= 1")
+        if self.patience is not None and self.patience < 1:
+            problems.append("patience must be >= 1 (or None)")
+        if not 0 < self.lr_final <= 1:
+            problems.append("lr_final must be in (0, 1]")
+        if self.dtype not in DTYPES:
+            problems.append(f"dtype must be one of {', '.join(DTYPES)}")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown hyperparameters: {', '.join(unknown)}")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One event of the training stream."""
+
+    step: int
+    epoch: int
+    train_loss: float  # mean over the steps since the previous event
+    val_loss: float | None  # set on events that measured it
+    chars_per_sec: float  # training characters per second since the previous event
+    elapsed_s: float
+    total_steps: int | None
+    best_val_loss: float | None
+    best_step: int | None
+
+
+@dataclass
+class TrainState:
+    """Everything needed to continue a run exactly where it stopped."""
+
+    config: TrainConfig
+    vocab: Vocab
+    corpus_sha256: str
+    params: Params
+    optimizer: dict[str, np.ndarray]
+    hidden: np.ndarray  # (B, n_a) carried into the next chunk
+    step: int = 0
+    epoch: int = 0
+    chunk: int = 0  # next chunk index within the epoch
+    elapsed_s: float = 0.0
+    best_params: Params | None = None
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    evals_since_best: int = 0
+    last_train_loss: float | None = None
+    last_val_loss: float | None = None
+    last_eval_step: int | None = None
+    stop_reason: StopReason | None = None
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    params: Params  # best validation weights (last weights when there is no validation)
+    vocab: Vocab
+    config: TrainConfig
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def corpus_digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+class _ShardedLoss:
+    """loss_and_grads over the batch split into column shards, in parallel threads."""
+
+    def __init__(self, params: Params, T: int, B: int, threads: int) -> None:
+        n = 2 if B >= 2 else 1
+        bounds = np.linspace(0, B, n + 1).round().astype(int)
+        self.slices = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        self.weights = [(s.stop - s.start) / B for s in self.slices]
+        self.workspaces = [Workspace.for_batch(params, T, s.stop - s.start) for s in self.slices]
+        self.grads = Params.zeros(params.n_a, params.n_x, params.dtype)
+        self.hidden = np.empty((B, params.n_a), params.dtype)
+        self.pool = ThreadPoolExecutor(threads) if threads > 1 and n > 1 else None
+
+    def __call__(self, params: Params, X: np.ndarray, Y: np.ndarray, h0: np.ndarray) -> float:
+        def shard(i: int) -> tuple[float, Params, np.ndarray]:
+            s = self.slices[i]
+            return loss_and_grads(
+                params,
+                np.ascontiguousarray(X[:, s]),
+                np.ascontiguousarray(Y[:, s]),
+                np.ascontiguousarray(h0[s]),
+                self.workspaces[i],
+            )
+
+        idx = range(len(self.slices))
+        outs = list(self.pool.map(shard, idx)) if self.pool else [shard(i) for i in idx]
+        loss = 0.0
+        for i, (shard_loss, g, h_last) in enumerate(outs):
+            w = self.weights[i]
+            loss += w * shard_loss
+            if i == 0:
+                np.multiply(g.flat, w, out=self.grads.flat)
+            else:
+                self.grads.flat[...] += w * g.flat
+            self.hidden[self.slices[i]] = h_last
+        return loss
+
+    def close(self) -> None:
+        if self.pool:
+            self.pool.shutdown()
+
+
+def _eval_streams(params: Params, ids: np.ndarray, starts: np.ndarray, L: int, T: int) -> float:
+    """Summed nats over streams ids[start : start+L+1], chunks of T, state carried."""
+    total = 0.0
+    h = np.zeros((len(starts), params.n_a), params.dtype)
+    ws = Workspace.for_batch(params, T, len(starts))
+    for t0 in range(0, L, T):
+        pos = starts[None, :] + np.arange(t0, min(t0 + T, L))[:, None]  # (T', B)
+        if pos.shape[0] != ws.T:
+            ws = Workspace.for_batch(params, pos.shape[0], len(starts))
+        loss, h_last = loss_only(params, ids[pos], ids[pos + 1], h, ws)
+        h[...] = h_last
+        total += loss * pos.size
+    return total
+
+
+def evaluate(
+    params: Params,
+    ids: np.ndarray,
+    T: int = 128,
+    B: int = 128,
+    pool: ThreadPoolExecutor | None = None,
+) -> float:
+    """Mean nats per character over ids, read as B streams from a zero state.
+
+    With a pool the streams are split between its threads.
+    """
+    B = max(1, min(B, (len(ids) - 1) // T))
+    L = (len(ids) - 1) // B
+    starts = np.arange(B) * L
+    parts = np.array_split(starts, 2) if pool is not None and B >= 2 else [starts]
+    if pool is not None and len(parts) > 1:
+        sums = list(pool.map(lambda p: _eval_streams(params, ids, p, L, T), parts))
+    else:
+        sums = [_eval_streams(params, ids, p, L, T) for p in parts]
+    return sum(sums) / (B * L)
+
+
+class Trainer:
+    """Runs (or resumes) one training run over a corpus."""
+
+    def __init__(
+        self,
+        text: str,
+        config: TrainConfig | None = None,
+        *,
+        init: tuple[Params, Vocab] | None = None,
+        resume: TrainState | None = None,
+        threads: int = 2,
+    ) -> None:
+        if not text:
+            raise CorpusError("the corpus is empty")
+        if resume is not None:
+            config = resume.config
+            if resume.corpus_sha256 != corpus_digest(text):
+                raise CorpusError("this checkpoint was trained on a different corpus")
+        self.config = config = config or TrainConfig()
+        self.threads = max(1, threads)
+        if resume is not None:
+            vocab = resume.vocab
+        elif init is not None:
+            vocab = init[1]
+        else:
+            vocab = Vocab.from_text(text)
+        ids = vocab.encode(text)
+        data.check_trainable(len(ids), len(vocab), 1)
+        self.train_ids, self.val_ids = data.split(ids, config.val_fraction)
+        data.check_trainable(len(self.train_ids), len(vocab), config.seq_length)
+        self.streams = data.Streams.fit(
+            self.train_ids, config.seq_length, config.batch_size, config.seed
+        )
+
+        if resume is None:
+            if init is not None:
+                params = init[0].copy(config.dtype)
+                if params.n_a != config.hidden_size:
+                    raise ConfigError(
+                        f"hidden_size {config.hidden_size} does not match the initial model's "
+                        f"{params.n_a}"
+                    )
+            else:
+                rng = np.random.default_rng(config.seed)
+                params = init_params(config.hidden_size, len(vocab), rng, config.dtype)
+            opt = Optimizer(config.optimizer, params.flat.size, params.dtype)
+            resume = TrainState(
+                config=config,
+                vocab=vocab,
+                corpus_sha256=corpus_digest(text),
+                params=params,
+                optimizer=opt.state,
+                hidden=np.zeros((self.streams.B, config.hidden_size), params.dtype),
+            )
+        self.state = resume
+        self.optimizer = Optimizer(
+            config.optimizer, resume.params.flat.size, resume.params.dtype, resume.optimizer
+        )
+        self.state.optimizer = self.optimizer.state
+        self._pool: ThreadPoolExecutor | None = None
+
+    @property
+    def chars_per_step(self) -> int:
+        return self.streams.B * self.streams.T
+
+    def _evaluate(self) -> float | None:
+        if len(self.val_ids) < 2:
+            return None
+        return evaluate(self.state.params, self.val_ids, pool=self._pool)
+
+    def _learning_rate(self) -> float:
+        """Cosine from learning_rate down to lr_final * learning_rate over the run.
+
+        The run's length is max_steps when set (so the schedule, and the weights,
+        are reproducible), otherwise the time budget.
+        """
+        cfg, s = self.config, self.state
+        if cfg.max_steps is not None:
+            done = s.step / cfg.max_steps
+        else:
+            assert cfg.time_limit_s is not None
+            done = s.elapsed_s / cfg.time_limit_s
+        cos = 0.5 * (1.0 + math.cos(math.pi * min(max(done, 0.0), 1.0)))
+        return cfg.learning_rate * (cfg.lr_final + (1.0 - cfg.lr_final) * cos)
+
+    def _diverged(self, loss: float) -> bool:
+        """NaN/inf, or far worse than a uniform guess (ln V nats): no way back from there."""
+        uniform = math.log(len(self.state.vocab))
+        return not math.isfinite(loss) or loss > max(3 * uniform, uniform + 4)
+
+    def _record_eval(self, val: float) -> None:
+        s = self.state
+        s.last_val_loss, s.last_eval_step = val, s.step
+        if s.best_val_loss is None or val < s.best_val_loss:
+            s.best_val_loss, s.best_step, s.evals_since_best = val, s.step, 0
+            s.best_params = s.params.copy()
+        else:
+            s.evals_since_best += 1
+
+    def run(self, should_stop: Callable[[], bool] | None = None) -> Iterator[Progress]:
+        """Train until a stop condition; yields Progress events between steps."""
+        with threadpool_limits(1 if self.threads > 1 else None):
+            yield from self._run(should_stop)
+
+    def _run(self, should_stop: Callable[[], bool] | None) -> Iterator[Progress]:
+        cfg, s = self.config, self.state
+        sharded = _ShardedLoss(s.params, self.streams.T, self.streams.B, self.threads)
+        self._pool = sharded.pool
+        start = time.perf_counter() - s.elapsed_s
+        mark_t, mark_step, loss_sum, loss_n = time.perf_counter(), s.step, 0.0, 0
+        try:
+            s.stop_reason = None
+            while True:
+                if cfg.max_steps is not None and s.step >= cfg.max_steps:
+                    s.stop_reason = "max_steps"
+                elif cfg.time_limit_s is not None and s.elapsed_s >= cfg.time_limit_s:
+                    s.stop_reason = "time_limit"
+                elif cfg.patience is not None and s.evals_since_best >= cfg.patience:
+                    s.stop_reason = "early_stopping"
+                elif should_stop is not None and should_stop():
+                    s.stop_reason = "stopped"
+                if s.stop_reason is not None:
+                    break
+
+                X, Y = self.streams.chunk(s.epoch, s.chunk)
+                loss = sharded(s.params, X, Y, s.hidden)
+                grads = sharded.grads.flat
+                norm = clip_by_global_norm(grads, cfg.grad_clip)
+                if not math.isfinite(norm) or self._diverged(loss):
+                    raise DivergedError(s.step + 1, loss)
+                lr = self._learning_rate()
+                self.optimizer.step(s.params.flat, grads, lr, s.step + 1, cfg.weight_decay)
+                s.hidden[...] = sharded.hidden
+                s.step += 1
+                s.chunk += 1
+                if s.chunk >= self.streams.chunks_per_epoch:
+                    s.epoch, s.chunk = s.epoch + 1, 0
+                    s.hidden[...] = 0.0
+                s.last_train_loss = loss
+                loss_sum += loss
+                loss_n += 1
+
+                val = None
+                last = cfg.max_steps is not None and s.step >= cfg.max_steps
+                if s.step % cfg.eval_every == 0 or last:
+                    val = self._evaluate()
+                    if val is not None:
+                        if self._diverged(val):
+                            raise DivergedError(s.step, val)
+                        self._record_eval(val)
+                s.elapsed_s = time.perf_counter() - start
+                if val is not None or s.step % cfg.log_every == 0 or last:
+                    now = time.perf_counter()
+                    cps = (s.step - mark_step) * self.chars_per_step / max(now - mark_t, 1e-9)
+                    yield Progress(
+                        step=s.step,
+                        epoch=s.epoch,
+                        train_loss=loss_sum / loss_n,
+                        val_loss=val,
+                        chars_per_sec=cps,
+                        elapsed_s=s.elapsed_s,
+                        total_steps=cfg.max_steps,
+                        best_val_loss=s.best_val_loss,
+                        best_step=s.best_step,
+                    )
+                    mark_t, mark_step, loss_sum, loss_n = time.perf_counter(), s.step, 0.0, 0
+            # The best model must have seen the final weights too (unless stopped from
+            # outside: then the run may be resumed and must continue exactly).
+            if s.stop_reason != "stopped" and s.step > 0 and s.last_eval_step != s.step:
+                val = self._evaluate()
+                if val is not None:
+                    if self._diverged(val):
+                        raise DivergedError(s.step, val)
+                    self._record_eval(val)
+        finally:
+            sharded.close()
+
+    def result(self) -> TrainResult:
+        s = self.state
+        params = s.best_params if s.best_params is not None else s.params
+        metrics = {
+            "steps": s.step,
+            "epochs": s.epoch,
+            "train_loss": s.last_train_loss,
+            "val_loss": s.best_val_loss,
+            "best_step": s.best_step if s.best_params is not None else s.step,
+            "last_val_loss": s.last_val_loss,
+            "elapsed_s": s.elapsed_s,
+            "chars_per_sec": s.step * self.chars_per_step / s.elapsed_s if s.elapsed_s else None,
+            "stop_reason": s.stop_reason,
+            "train_chars": int(len(self.train_ids)),
+            "val_chars": int(len(self.val_ids)),
+            "batch_size_used": self.streams.B,
+        }
+        return TrainResult(params=params.copy(), vocab=s.vocab, config=self.config, metrics=metrics)
+
+
+def train(
+    text: str,
+    config: TrainConfig | None = None,
+    *,
+    on_progress: Callable[[Progress], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    threads: int = 2,
+    **overrides: Any,
+) -> TrainResult:
+    """Train a model on text; the convenience wrapper around Trainer."""
+    config = replace(config or TrainConfig(), **overrides)
+    trainer = Trainer(text, config, threads=threads)
+    for event in trainer.run(should_stop):
+        if on_progress is not None:
+            on_progress(event)
+    return trainer.result()
