@@ -5,7 +5,9 @@
 Prints characters per second for B=64, T=64, float32 on the shakespeare corpus
 (../shared/corpora/shakespeare.txt), interleaving numpy and torch runs
 (numpy, torch, numpy, torch, ...) because this machine is shared and noisy,
-then a table of medians with the ratio numpy/torch. The numpy side runs the
+then a table of medians with the ratio numpy/torch. Every run is a fresh
+process, so neither side inherits the other's threads (torch's OpenMP workers
+keep spinning after a step and would slow a numpy run in the same process). The numpy side runs the
 real training loop (model.train.Trainer: batching, BPTT, clipping, Adam); the
 torch side is nn.RNN(tanh) on one-hot input + nn.Linear, Adam, clip 5, two
 threads. Without torch installed (pip install -e '.[bench]') only numpy runs.
@@ -17,6 +19,7 @@ import argparse
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -89,12 +92,38 @@ def torch_run(text: str, hidden: int, steps: int) -> float:
     return steps * B * T / (time.perf_counter() - start)
 
 
+def measure(name: str, hidden: int, steps: int) -> float:
+    """One run in a fresh interpreter; returns characters per second."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--worker",
+            name,
+            "--hidden",
+            str(hidden),
+            "--steps",
+            str(steps),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--hidden", type=int, nargs="+", default=[128, 256, 512])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--worker", choices=["numpy", "torch"], help=argparse.SUPPRESS)
+    ap.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     text = CORPUS.read_text(encoding="utf-8")
+    if args.worker:
+        fn = numpy_run if args.worker == "numpy" else torch_run
+        print(fn(text, args.hidden[0], args.steps))
+        return
     try:
         import torch
 
@@ -110,9 +139,8 @@ def main() -> None:
     for rep in range(args.repeats):
         for hidden in args.hidden:
             n = steps_for(hidden)
-            runs = [("numpy", numpy_run)] + ([("torch", torch_run)] if has_torch else [])
-            for name, fn in runs:
-                cps = fn(text, hidden, n)
+            for name in ["numpy", "torch"] if has_torch else ["numpy"]:
+                cps = measure(name, hidden, n)
                 results.setdefault((name, hidden), []).append(cps)
                 print(
                     f"run {rep + 1} H={hidden:<4d} {name:<6s} {cps / 1e3:8.1f}k chars/s", flush=True

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,13 +71,3 @@ class Streams:
         starts = self.offset(epoch) + np.arange(self.B) * L + index * self.T  # (B,)
         pos = starts[None, :] + np.arange(self.T)[:, None]  # (T, B)
         return self.ids[pos], self.ids[pos + 1]
-
-
-def eval_chunks(ids: np.ndarray, T: int, B: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Cover ids with B streams (fewer if short), chunks of up to T; state carried over."""
-    B = max(1, min(B, (len(ids) - 1) // max(T, 1)))
-    L = (len(ids) - 1) // B
-    starts = np.arange(B) * L
-    for t0 in range(0, L, T):
-        pos = starts[None, :] + np.arange(t0, min(t0 + T, L))[:, None]
-        yield ids[pos], ids[pos + 1]

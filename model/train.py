@@ -5,18 +5,18 @@
         print(event)                   # stop early: break, or should_stop=...
     result = trainer.result()          # the best-validation weights, not just the last
 
-The batch is split into a fixed number of shards (two when B >= 2) whose
-gradients are computed in parallel threads, each with one BLAS thread: numpy
-releases the GIL inside BLAS and ufunc loops, and two single-threaded
-(B/2)-row GEMMs beat one two-threaded B-row GEMM at these sizes. The shard
-count depends only on B, never on the thread count, so results are bit-identical
-whatever ``threads`` is.
+The batch is split into two shards (when B >= 2) computed at once, each with
+one BLAS thread: two single-threaded (B/2)-row GEMMs beat one two-threaded
+B-row GEMM at these sizes. model/shards.py runs them in a child process or in
+threads; the shard count depends only on B, so the weights are bit-identical
+whatever ``threads`` and the back-end are.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -30,8 +30,12 @@ from . import data
 from .errors import ConfigError, CorpusError, DivergedError
 from .optim import OPTIMIZERS, Optimizer, clip_by_global_norm
 from .params import DTYPES, Params, init_params
-from .rnn import Workspace, loss_and_grads, loss_only
+from .rnn import Workspace, loss_only
+from .shards import make_shards
 from .vocab import Vocab
+
+# Both shards at once where there are two cores; results do not depend on it.
+DEFAULT_THREADS = min(2, os.cpu_count() or 1)
 
 StopReason = Literal["max_steps", "time_limit", "early_stopping", "stopped"]
 
@@ -43,14 +47,14 @@ class TrainConfig:
     hidden_size: int = 256  # n_a
     seq_length: int = 64  # T: characters per truncated-BPTT chunk
     batch_size: int = 64  # B: parallel streams
-    learning_rate: float = 3e-3
+    learning_rate: float = 8e-3
     optimizer: str = "adam"  # sgd | adagrad | adam
     weight_decay: float = 0.0  # decoupled (AdamW-style) shrinkage per unit learning rate
     grad_clip: float = 5.0  # max global L2 norm of the gradient; 0 = no clipping
     max_steps: int | None = 2000  # None: until time_limit_s
     time_limit_s: float | None = None  # wall-clock budget for training, evals included
     val_fraction: float = 0.1  # tail of the corpus held out for validation
-    eval_every: int = 100  # steps between validation losses
+    eval_every: int = 200  # steps between validation losses
     patience: int | None = None  # stop after this many evals without improvement
     lr_final: float = 0.1  # cosine decay of the learning rate to this fraction of it
     dtype: str = "float32"  # float32 | float64
@@ -155,48 +159,6 @@ def corpus_digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-class _ShardedLoss:
-    """loss_and_grads over the batch split into column shards, in parallel threads."""
-
-    def __init__(self, params: Params, T: int, B: int, threads: int) -> None:
-        n = 2 if B >= 2 else 1
-        bounds = np.linspace(0, B, n + 1).round().astype(int)
-        self.slices = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-        self.weights = [(s.stop - s.start) / B for s in self.slices]
-        self.workspaces = [Workspace.for_batch(params, T, s.stop - s.start) for s in self.slices]
-        self.grads = Params.zeros(params.n_a, params.n_x, params.dtype)
-        self.hidden = np.empty((B, params.n_a), params.dtype)
-        self.pool = ThreadPoolExecutor(threads) if threads > 1 and n > 1 else None
-
-    def __call__(self, params: Params, X: np.ndarray, Y: np.ndarray, h0: np.ndarray) -> float:
-        def shard(i: int) -> tuple[float, Params, np.ndarray]:
-            s = self.slices[i]
-            return loss_and_grads(
-                params,
-                np.ascontiguousarray(X[:, s]),
-                np.ascontiguousarray(Y[:, s]),
-                np.ascontiguousarray(h0[s]),
-                self.workspaces[i],
-            )
-
-        idx = range(len(self.slices))
-        outs = list(self.pool.map(shard, idx)) if self.pool else [shard(i) for i in idx]
-        loss = 0.0
-        for i, (shard_loss, g, h_last) in enumerate(outs):
-            w = self.weights[i]
-            loss += w * shard_loss
-            if i == 0:
-                np.multiply(g.flat, w, out=self.grads.flat)
-            else:
-                self.grads.flat[...] += w * g.flat
-            self.hidden[self.slices[i]] = h_last
-        return loss
-
-    def close(self) -> None:
-        if self.pool:
-            self.pool.shutdown()
-
-
 def _eval_streams(params: Params, ids: np.ndarray, starts: np.ndarray, L: int, T: int) -> float:
     """Summed nats over streams ids[start : start+L+1], chunks of T, state carried."""
     total = 0.0
@@ -244,7 +206,8 @@ class Trainer:
         *,
         init: tuple[Params, Vocab] | None = None,
         resume: TrainState | None = None,
-        threads: int = 2,
+        threads: int = DEFAULT_THREADS,
+        shard_mode: str = "auto",
     ) -> None:
         if not text:
             raise CorpusError("the corpus is empty")
@@ -254,6 +217,7 @@ class Trainer:
                 raise CorpusError("this checkpoint was trained on a different corpus")
         self.config = config = config or TrainConfig()
         self.threads = max(1, threads)
+        self.shard_mode = shard_mode  # see model/shards.py; results do not depend on it
         if resume is not None:
             vocab = resume.vocab
         elif init is not None:
@@ -340,8 +304,10 @@ class Trainer:
 
     def _run(self, should_stop: Callable[[], bool] | None) -> Iterator[Progress]:
         cfg, s = self.config, self.state
-        sharded = _ShardedLoss(s.params, self.streams.T, self.streams.B, self.threads)
-        self._pool = sharded.pool
+        sharded = make_shards(
+            s.params, self.streams.T, self.streams.B, self.threads, self.shard_mode
+        )
+        self._pool = ThreadPoolExecutor(2) if self.threads > 1 else None
         start = time.perf_counter() - s.elapsed_s
         mark_t, mark_step, loss_sum, loss_n = time.perf_counter(), s.step, 0.0, 0
         try:
@@ -410,6 +376,8 @@ class Trainer:
                     self._record_eval(val)
         finally:
             sharded.close()
+            if self._pool is not None:
+                self._pool.shutdown()
 
     def result(self) -> TrainResult:
         s = self.state
@@ -437,7 +405,7 @@ def train(
     *,
     on_progress: Callable[[Progress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
-    threads: int = 2,
+    threads: int = DEFAULT_THREADS,
     **overrides: Any,
 ) -> TrainResult:
     """Train a model on text; the convenience wrapper around Trainer."""

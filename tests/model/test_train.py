@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from model.errors import ConfigError, CorpusError, DivergedError
+from model.errors import ConfigError, CorpusError, DivergedError, UnknownCharactersError
 from model.train import Progress, TrainConfig, Trainer, evaluate, train
 
 PERIODIC = "abcd" * 300
@@ -165,3 +165,18 @@ def test_config_round_trips_through_a_dict() -> None:
     assert TrainConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ConfigError, match="unknown hyperparameters: colour"):
         TrainConfig.from_dict({"colour": 1})
+
+
+def test_fine_tuning_starts_from_a_model_and_keeps_its_vocabulary() -> None:
+    base = train(SENTENCES, cfg(max_steps=20))
+    tuned = Trainer(
+        "a lazy dog jumps over the quick fox. " * 40,
+        cfg(max_steps=5),
+        init=(base.params, base.vocab),
+    )
+    assert tuned.state.vocab == base.vocab
+    np.testing.assert_array_equal(tuned.state.params.flat, base.params.flat)
+    list(tuned.run())
+    assert not np.array_equal(tuned.state.params.flat, base.params.flat)
+    with pytest.raises(UnknownCharactersError, match="'Z'"):
+        Trainer("Zebras " * 50, cfg(max_steps=5), init=(base.params, base.vocab))
