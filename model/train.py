@@ -56,7 +56,7 @@ class TrainConfig:
     val_fraction: float = 0.1  # tail of the corpus held out for validation
     eval_every: int = 200  # steps between validation losses
     patience: int | None = None  # stop after this many evals without improvement
-    lr_final: float = 0.1  # cosine decay of the learning rate to this fraction of it
+    lr_final: float = 0.01  # cosine decay of the learning rate to this fraction of it
     dtype: str = "float32"  # float32 | float64
     seed: int = 0
     log_every: int = 10  # steps between progress events

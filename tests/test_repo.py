@@ -46,3 +46,21 @@ def test_model_never_imports_app() -> None:
         if re.search(r"^\s*(from|import)\s+app\b", path.read_text(encoding="utf-8"), re.M)
     ]
     assert offenders == []
+
+
+def test_readme_python_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's Python block, on a short run (the README's figures are from the full one)."""
+    corpus = ROOT.parent / "shared" / "corpora" / "shakespeare.txt"
+    if not corpus.exists():
+        pytest.skip("../shared/corpora/shakespeare.txt is not beside the checkout")
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks, "the README has no Python example"
+    code = blocks[0]
+    assert "TrainConfig(max_steps=2000)" in code
+    code = code.replace("TrainConfig(max_steps=2000)", "TrainConfig(max_steps=20, hidden_size=32)")
+    code = code.replace('"../shared/corpora/shakespeare.txt"', repr(str(corpus)))
+    code = code.replace("on_progress=print", "on_progress=None")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+    assert (tmp_path / "shakespeare.npz").exists()
