@@ -57,58 +57,35 @@ def run_numpy(text: str, hidden: int, seconds: float) -> None:
 
 
 def run_torch(text: str, hidden: int, seconds: float, lr: float) -> None:
-    import torch
+    from torch_reference import TorchRNN
 
-    torch.set_num_threads(2)
-    torch.manual_seed(0)
     cfg = TrainConfig()
     vocab = Vocab.from_text(text)
-    V, T, B = len(vocab), cfg.seq_length, cfg.batch_size
+    T, B = cfg.seq_length, cfg.batch_size
     train_ids, val_ids = split(vocab.encode(text), cfg.val_fraction)
     streams = Streams.fit(train_ids, T, B, seed=0)
-    rnn = torch.nn.RNN(V, hidden, nonlinearity="tanh")
-    head = torch.nn.Linear(hidden, V)
-    params = list(rnn.parameters()) + list(head.parameters())
-    opt = torch.optim.Adam(params, lr=lr)
+    model = TorchRNN(len(vocab), hidden, lr, cfg.grad_clip, streams.B)
 
     def evaluate() -> float:
         n_streams = 128
         L = (len(val_ids) - 1) // n_streams
         starts = np.arange(n_streams) * L
-        total, h = 0.0, torch.zeros(1, n_streams, hidden)
-        with torch.no_grad():
-            for t0 in range(0, L, 128):
-                pos = starts[None, :] + np.arange(t0, min(t0 + 128, L))[:, None]
-                x = torch.nn.functional.one_hot(torch.from_numpy(val_ids[pos].astype(np.int64)), V)
-                out, h = rnn(x.float(), h)
-                y = torch.from_numpy(val_ids[pos + 1].astype(np.int64)).reshape(-1)
-                loss = torch.nn.functional.cross_entropy(
-                    head(out).reshape(-1, V), y, reduction="sum"
-                )
-                total += float(loss)
+        total, h = 0.0, model.zero_state(n_streams)
+        for t0 in range(0, L, 128):
+            pos = starts[None, :] + np.arange(t0, min(t0 + 128, L))[:, None]
+            loss, h = model.summed_loss(val_ids[pos], val_ids[pos + 1], h)
+            total += loss
         return total / (n_streams * L)
 
     start = time.perf_counter()
     step, epoch, chunk, best = 0, 0, 0, math.inf
-    h = torch.zeros(1, streams.B, hidden)
     while (done := (time.perf_counter() - start) / seconds) < 1:
         cos = 0.5 * (1.0 + math.cos(math.pi * done))
-        for group in opt.param_groups:
-            group["lr"] = lr * (cfg.lr_final + (1.0 - cfg.lr_final) * cos)
-        X, Y = streams.chunk(epoch, chunk)
-        x = torch.nn.functional.one_hot(torch.from_numpy(X.astype(np.int64)), V).float()
-        out, h = rnn(x, h)
-        loss = torch.nn.functional.cross_entropy(
-            head(out).reshape(-1, V), torch.from_numpy(Y.astype(np.int64)).reshape(-1)
-        )
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        h = h.detach()
+        model.set_lr(lr * (cfg.lr_final + (1.0 - cfg.lr_final) * cos))
+        model.step(*streams.chunk(epoch, chunk))
         step, chunk = step + 1, chunk + 1
         if chunk >= streams.chunks_per_epoch:
-            epoch, chunk, h = epoch + 1, 0, torch.zeros(1, streams.B, hidden)
+            epoch, chunk, model.h = epoch + 1, 0, model.zero_state(streams.B)
         if step % cfg.eval_every == 0:
             best = min(best, evaluate())
     best = min(best, evaluate())

@@ -34,7 +34,7 @@ from model.train import TrainConfig, Trainer  # noqa: E402
 from model.vocab import Vocab  # noqa: E402
 
 CORPUS = ROOT.parent / "shared" / "corpora" / "shakespeare.txt"
-B, T, THREADS, LR, CLIP = 64, 64, 2, 2e-3, 5.0
+B, T, THREADS, LR, CLIP = 64, 64, 2, 2e-3, 5.0  # THREADS: numpy shards; torch uses 2
 WARMUP = 5
 
 
@@ -62,33 +62,16 @@ def numpy_run(text: str, hidden: int, steps: int) -> float:
 
 
 def torch_run(text: str, hidden: int, steps: int) -> float:
-    import torch
+    from torch_reference import TorchRNN
 
-    torch.set_num_threads(THREADS)
-    torch.manual_seed(0)
     vocab = Vocab.from_text(text)
-    V = len(vocab)
     streams = Streams.fit(vocab.encode(text), T, B, seed=0)
-    rnn = torch.nn.RNN(V, hidden, nonlinearity="tanh")
-    head = torch.nn.Linear(hidden, V)
-    params = list(rnn.parameters()) + list(head.parameters())
-    opt = torch.optim.Adam(params, lr=LR)
-    h = torch.zeros(1, B, hidden)
+    model = TorchRNN(len(vocab), hidden, LR, CLIP, B)
     start = 0.0
     for i in range(WARMUP + steps):
         if i == WARMUP:
             start = time.perf_counter()
-        X, Y = streams.chunk(0, i % streams.chunks_per_epoch)
-        x = torch.nn.functional.one_hot(torch.from_numpy(X.astype(np.int64)), V).float()
-        out, h = rnn(x, h)
-        loss = torch.nn.functional.cross_entropy(
-            head(out).reshape(-1, V), torch.from_numpy(Y.astype(np.int64)).reshape(-1)
-        )
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, CLIP)
-        opt.step()
-        h = h.detach()
+        model.step(*streams.chunk(0, i % streams.chunks_per_epoch))
     return steps * B * T / (time.perf_counter() - start)
 
 
