@@ -1,0 +1,1 @@
+"""charnn HTTP service."""

@@ -1,0 +1,133 @@
+"""One error shape for every failure: ``{"error": {"code", "message", "details"}}``.
+
+Routes raise :class:`ApiError` subclasses; ``model/`` raises its own plain
+exceptions (unknown characters, bad corpus, bad checkpoint), which are mapped
+here to a status in one place. Nothing a client sends may produce a 500, and
+no message carries a path or a stack trace.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from model.errors import CheckpointError, ConfigError, CorpusError, UnknownCharactersError
+
+log = logging.getLogger("charnn.errors")
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    details: Any = None
+
+
+class ErrorBody(BaseModel):
+    """The body of every 4xx/5xx response."""
+
+    error: ErrorDetail
+
+
+class ApiError(Exception):
+    status = 400
+    code = "bad_request"
+
+    def __init__(self, message: str, details: Any = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.details = details
+        self.headers = headers
+
+
+class Unauthorized(ApiError):
+    status, code = 401, "unauthorized"
+
+
+class NotFound(ApiError):
+    status, code = 404, "not_found"
+
+
+class Conflict(ApiError):
+    status, code = 409, "conflict"
+
+
+class PayloadTooLarge(ApiError):
+    status, code = 413, "payload_too_large"
+
+
+class Invalid(ApiError):
+    status, code = 422, "invalid"
+
+
+class QueueFull(ApiError):
+    status, code = 429, "queue_full"
+
+
+class Unavailable(ApiError):
+    status, code = 503, "unavailable"
+
+
+# model/ exceptions a client can cause, and how they answer.
+_MODEL_ERRORS: dict[type[Exception], tuple[int, str]] = {
+    UnknownCharactersError: (422, "unknown_characters"),
+    CorpusError: (422, "invalid_corpus"),
+    ConfigError: (422, "invalid_hyperparameters"),
+    CheckpointError: (422, "invalid_checkpoint"),
+}
+
+
+def error_response(
+    status: int, code: str, message: str, details: Any = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    body = ErrorBody(error=ErrorDetail(code=code, message=message, details=details))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def _validation_details(exc: RequestValidationError) -> list[dict[str, Any]]:
+    """Location, message and type of each problem; never the input (it may be a corpus)."""
+    return [
+        {"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg")), "type": e.get("type")}
+        for e in exc.errors()
+    ]
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        details = _validation_details(exc)
+        first = details[0] if details else {"loc": [], "msg": "invalid request"}
+        where = ".".join(first["loc"][1:]) or "body"
+        return error_response(422, "invalid", f"{where}: {first['msg']}", details)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
+            exc.status_code, "http_error"
+        )
+        headers = dict(exc.headers) if exc.headers else None
+        return error_response(exc.status_code, code, str(exc.detail), headers=headers)
+
+    for exc_type, (status, code) in _MODEL_ERRORS.items():
+
+        async def model_error(
+            _: Request, exc: Exception, status: int = status, code: str = code
+        ) -> JSONResponse:
+            details = {"chars": exc.chars} if isinstance(exc, UnknownCharactersError) else None
+            return error_response(status, code, str(exc), details)
+
+        app.add_exception_handler(exc_type, model_error)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        return error_response(500, "internal", "internal error; the server log has the details")

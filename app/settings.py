@@ -1,0 +1,114 @@
+"""Service settings, read once from ``CHARNN_*`` environment variables.
+
+Every field carries a description because the README settings table is
+generated from them; the bounds reject nonsense at start-up rather than at the
+first request that trips over it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_JOB_THREADS = 2
+
+
+def _default_concurrent_jobs() -> int:
+    # Each job uses ``job_threads`` (2) cores: half the machine's cores, at least one job.
+    return max(1, (os.cpu_count() or 1) // _JOB_THREADS)
+
+
+class Settings(BaseSettings):
+    """All service configuration; each field is ``CHARNN_<FIELD>`` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="CHARNN_", extra="ignore")
+
+    data_dir: Path = Field(
+        default=Path("./charnn-data"),
+        description="Directory holding the SQLite database, corpora, resume states and models.",
+    )
+    max_body_bytes: int = Field(
+        default=20_000_000,
+        ge=1024,
+        description="Largest accepted request body in bytes (corpus uploads, checkpoints).",
+    )
+    max_corpus_chars: int = Field(
+        default=10_000_000,
+        ge=1,
+        description="Largest training corpus, in characters.",
+    )
+    max_hidden_size: int = Field(
+        default=1024, ge=1, le=65_536, description="Ceiling for the hidden_size hyperparameter."
+    )
+    max_seq_length: int = Field(
+        default=512, ge=1, le=65_536, description="Ceiling for the seq_length hyperparameter."
+    )
+    max_batch_size: int = Field(
+        default=512, ge=1, le=65_536, description="Ceiling for the batch_size hyperparameter."
+    )
+    max_steps: int = Field(
+        default=1_000_000, ge=1, description="Ceiling for the max_steps hyperparameter."
+    )
+    max_time_limit_s: float = Field(
+        default=86_400,
+        gt=0,
+        allow_inf_nan=False,
+        description="Ceiling for the time_limit_s hyperparameter, in seconds.",
+    )
+    max_concurrent_jobs: int = Field(
+        default_factory=_default_concurrent_jobs,
+        ge=1,
+        description="Training jobs run at once; default is half the CPU cores (each job uses 2).",
+    )
+    max_queued_jobs: int = Field(
+        default=16,
+        ge=0,
+        description="Jobs that may wait for a slot; beyond this, new jobs are refused.",
+    )
+    job_threads: int = Field(
+        default=_JOB_THREADS,
+        ge=1,
+        le=256,
+        description="CPU cores (BLAS threads / shards) each training job uses.",
+    )
+    checkpoint_every_s: float = Field(
+        default=30.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="Seconds between resume checkpoints of a running job.",
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="Origins allowed by CORS, as a JSON list; empty disables CORS.",
+    )
+    api_key: SecretStr | None = Field(
+        default=None,
+        description="Bearer token every request must send; unset or empty disables auth.",
+    )
+    model_cache_size: int = Field(
+        default=8, ge=0, le=1024, description="Loaded models kept in memory for predictions."
+    )
+    api_blas_threads: int = Field(
+        default=1,
+        ge=1,
+        le=256,
+        description="BLAS threads for prediction requests in the API process.",
+    )
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, value: object) -> object:
+        # ``CHARNN_API_KEY=`` (as compose files often leave it) means "no key", not "the empty key".
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings; cached so the environment is read once."""
+    return Settings()
