@@ -1,0 +1,49 @@
+"""Typed dependencies: the app's state, read back from the request, and the API key guard."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from .errors import Unauthorized
+from .events import EventHub
+from .runner import ProcessRunner
+from .settings import Settings
+from .store import Store
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    store: Store
+    runner: ProcessRunner
+    events: EventHub
+
+
+def get_state(request: Request) -> AppState:
+    state: AppState = request.app.state.charnn
+    return state
+
+
+StateDep = Annotated[AppState, Depends(get_state)]
+
+
+def require_api_key(request: Request, state: StateDep) -> None:
+    """When CHARNN_API_KEY is set, mutating requests must carry it (compared in constant time)."""
+    key = state.settings.api_key
+    if key is None:
+        return
+    auth = request.headers.get("authorization", "")
+    given = auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+    if not secrets.compare_digest(given.encode(), key.get_secret_value().encode()):
+        raise Unauthorized(
+            "this server needs an API key: "
+            "send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+AuthDep = Depends(require_api_key)

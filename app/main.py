@@ -1,0 +1,75 @@
+"""The ASGI application: ``app.main:app``, built by ``create_app(settings)``.
+
+    uvicorn app.main:app          # settings from CHARNN_* environment variables
+
+The factory does no I/O; the lifespan opens the store, starts the job runner
+(which resumes jobs interrupted by a crash) and stops both on shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from threadpoolctl import threadpool_limits
+
+from .deps import AppState
+from .errors import install_error_handlers
+from .events import EventHub
+from .limits import BodyLimitMiddleware
+from .routes import health, jobs
+from .runner import ProcessRunner
+from .settings import Settings, get_settings
+from .store import SqliteStore
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # numpy in the API process: one BLAS thread, the cores are for training jobs.
+        blas = threadpool_limits(settings.api_blas_threads)
+        store = SqliteStore(settings.data_dir)
+        events = EventHub(asyncio.get_running_loop())
+        runner = ProcessRunner(
+            store,
+            max_concurrent_jobs=settings.max_concurrent_jobs,
+            max_queued_jobs=settings.max_queued_jobs,
+            job_threads=settings.job_threads,
+            checkpoint_every_s=settings.checkpoint_every_s,
+            on_event=events.publish,
+        )
+        runner.start()
+        app.state.charnn = AppState(settings, store, runner, events)
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(runner.stop)
+            store.close()
+            blas.restore_original_limits()
+
+    app = FastAPI(
+        title="charnn",
+        summary="Train character-level RNNs in numpy and serve their predictions.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type"],
+        )
+    app.include_router(health.router)
+    app.include_router(jobs.router)
+    return app
+
+
+app = create_app()

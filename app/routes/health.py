@@ -1,0 +1,35 @@
+"""Liveness and readiness."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel
+
+from ..deps import StateDep
+from ..errors import ErrorBody, Unavailable
+
+router = APIRouter(tags=["health"])
+
+
+class Health(BaseModel):
+    status: str
+
+
+@router.get("/healthz")
+async def healthz() -> Health:
+    """The process is alive (no I/O: cheap enough to poll)."""
+    return Health(status="ok")
+
+
+@router.get("/readyz", responses={503: {"model": ErrorBody, "description": "not ready"}})
+async def readyz(state: StateDep) -> Health:
+    """Ready when the store is writable and the job runner is alive."""
+    problems = []
+    if not await run_in_threadpool(state.store.writable):
+        problems.append("the data directory is not writable")
+    if not state.runner.alive():
+        problems.append("the job runner is not running")
+    if problems:
+        raise Unavailable("; ".join(problems), details={"problems": problems})
+    return Health(status="ready")
