@@ -26,15 +26,29 @@ class Hyperparameters(BaseModel):
     hidden_size: int = Field(_D.hidden_size, ge=1, le=4096, description="n_a, hidden units")
     seq_length: int = Field(_D.seq_length, ge=1, le=4096, description="T, chars per BPTT chunk")
     batch_size: int = Field(_D.batch_size, ge=1, le=4096, description="B, parallel streams")
-    learning_rate: float = Field(_D.learning_rate, gt=0, le=10, allow_inf_nan=False)
+    learning_rate: float = Field(
+        _D.learning_rate,
+        gt=0,
+        le=10,
+        allow_inf_nan=False,
+        description="peak step size; cosine decay to 1 %",
+    )
     optimizer: Literal["sgd", "adagrad", "adam"] = _D.optimizer  # type: ignore[assignment]
     grad_clip: float = Field(
         _D.grad_clip, ge=0, le=1e6, allow_inf_nan=False, description="0 = no clipping"
     )
-    max_steps: int | None = Field(_D.max_steps, ge=1, le=10**9)
-    time_limit_s: float | None = Field(_D.time_limit_s, gt=0, le=10**7, allow_inf_nan=False)
-    val_fraction: float = Field(_D.val_fraction, ge=0, lt=1, allow_inf_nan=False)
-    eval_every: int = Field(_D.eval_every, ge=1, le=10**9)
+    max_steps: int | None = Field(
+        _D.max_steps, ge=1, le=10**9, description="stop after this many steps (null: time only)"
+    )
+    time_limit_s: float | None = Field(
+        _D.time_limit_s, gt=0, le=10**7, allow_inf_nan=False, description="wall-clock budget, s"
+    )
+    val_fraction: float = Field(
+        _D.val_fraction, ge=0, lt=1, allow_inf_nan=False, description="tail held out for validation"
+    )
+    eval_every: int = Field(
+        _D.eval_every, ge=1, le=10**9, description="steps between validation losses"
+    )
     dtype: Literal["float32", "float64"] = _D.dtype  # type: ignore[assignment]
 
 

@@ -87,7 +87,10 @@ class Settings(BaseSettings):
     )
     api_key: SecretStr | None = Field(
         default=None,
-        description="Bearer token every request must send; unset or empty disables auth.",
+        description=(
+            "Key every mutating request (POST, DELETE) must send, as Bearer token or "
+            "X-API-Key; unset or empty: no auth."
+        ),
     )
     model_cache_size: int = Field(
         default=8, ge=0, le=1024, description="Loaded models kept in memory for predictions."
