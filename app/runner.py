@@ -173,8 +173,12 @@ class ProcessRunner:
             self._wake.clear()
             with self._lock:
                 for job_id, r in list(self._running.items()):
-                    self._drain(r)
-                    self._reap(job_id, r)
+                    try:
+                        self._drain(r)
+                        self._reap(job_id, r)
+                    except Exception as exc:  # e.g. the disk filled up: fail the job, not us
+                        log.exception("supervising job %s failed", job_id)
+                        self._abandon(job_id, r, f"the server could not record the job ({exc})")
 
     def _launch(self, job_id: str) -> None:
         job = self.store.get_job(job_id)
@@ -219,11 +223,14 @@ class ProcessRunner:
         self._emit(job_id, {"type": "status", "status": "running"})
 
     def _drain(self, r: _Running) -> None:
-        try:
-            while not r.finished and r.conn.poll():
-                self._handle(r, json.loads(r.conn.recv_bytes()))
-        except (EOFError, OSError):
-            pass  # the child closed its end; _reap decides what that means
+        while not r.finished:
+            try:
+                if not r.conn.poll():
+                    return
+                raw = r.conn.recv_bytes()
+            except (EOFError, OSError):
+                return  # the child closed its end; _reap decides what that means
+            self._handle(r, json.loads(raw))
 
     def _handle(self, r: _Running, m: dict[str, Any]) -> None:
         job_id, kind = r.job.id, m.get("type")
@@ -287,6 +294,18 @@ class ProcessRunner:
                 )
         r.conn.close()
         del self._running[job_id]
+
+    def _abandon(self, job_id: str, r: _Running, error: str) -> None:
+        r.finished = True
+        if r.process.is_alive():
+            r.process.kill()
+        r.process.join()
+        r.conn.close()
+        self._running.pop(job_id, None)
+        try:
+            self._finish(job_id, "failed", error=error)
+        except Exception:
+            log.exception("could not mark job %s failed", job_id)
 
     def _finish(self, job_id: str, status: str, **fields: Any) -> None:
         self.store.update_job(job_id, status=status, finished_at=time.time(), **fields)

@@ -88,8 +88,8 @@ class JobProgress(BaseModel):
 
 
 class JobMetrics(BaseModel):
-    train_loss: float | None
-    val_loss: float | None
+    train_loss: float | None = Field(description="mean over the latest logged steps")
+    val_loss: float | None = Field(description="best validation loss so far")
     chars_per_sec: float | None
 
 

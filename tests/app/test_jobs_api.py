@@ -220,3 +220,28 @@ def test_cors_only_for_configured_origins(tmp_path: Path) -> None:
             assert "access-control-allow-origin" not in none.headers
 
     run(go())
+
+
+def test_fine_tune_from_a_finished_jobs_model_by_name(tmp_path: Path) -> None:
+    async def go() -> None:
+        async with asgi_client(settings_for(tmp_path)) as c:
+            base = await c.post(
+                "/jobs", json={"corpus": CORPUS, "name": "fox", "hyperparameters": QUICK}
+            )
+            done = await wait_status(c, base.json()["id"], ("succeeded", "failed"))
+            assert done["status"] == "succeeded"
+            tuned_body = {
+                "corpus": "a lazy dog jumps over the quick fox. " * 40,
+                "init_from": "fox",
+                "hyperparameters": {**QUICK, "hidden_size": 99},  # the base model's size wins
+            }
+            r = await c.post("/jobs", json=tuned_body)
+            assert r.status_code == 202, r.text
+            assert r.json()["init_from"] == done["model_id"]
+            assert r.json()["hyperparameters"]["hidden_size"] == 16
+            tuned = await wait_status(c, r.json()["id"], ("succeeded", "failed"))
+            assert tuned["status"] == "succeeded", tuned
+            r = await c.post("/jobs", json={"corpus": "Zebras! " * 40, "init_from": "fox"})
+            assert r.status_code == 422 and r.json()["error"]["code"] == "unknown_characters"
+
+    run(go())

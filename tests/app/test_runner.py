@@ -140,3 +140,28 @@ def test_stopping_requeues_and_the_next_runner_resumes_from_the_checkpoint(
         assert first_new and first_new[0] > resumed_from  # continued, not restarted
     finally:
         again.stop()
+
+
+def test_a_store_failure_fails_the_job_not_the_runner(
+    store: SqliteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def disk_full(*args: Any, **kwargs: Any) -> None:
+        raise OSError("No space left on device")
+
+    runner = make_runner(store)
+    runner.start()
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(store, "add_model", disk_full)
+            job = new_job(store, QUICK)
+            runner.submit(job.id)
+            wait_for(lambda: status(store, job.id) in ("succeeded", "failed"))
+        failed = store.get_job(job.id)
+        assert failed is not None and failed.status == "failed"
+        assert "could not record the job" in (failed.error or "")
+        assert runner.alive()
+        quick = new_job(store, QUICK)
+        runner.submit(quick.id)
+        wait_for(lambda: status(store, quick.id) == "succeeded")
+    finally:
+        runner.stop()
