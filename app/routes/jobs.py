@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -140,6 +141,12 @@ def _check_limits(state: AppState, body: JobCreate) -> None:
         raise Invalid("; ".join(problems))
 
 
+def _hidden_size(param_count: int, V: int) -> int:
+    """n_a of a stored model from its size: P = 2·n_a·V + n_a² + n_a + V."""
+    b = 2 * V + 1
+    return round((-b + math.sqrt(b * b + 4 * (param_count - V))) / 2)
+
+
 def _create(state: AppState, body: JobCreate, response: Response) -> JobOut:
     _check_limits(state, body)
     corpus = body.corpus
@@ -157,8 +164,8 @@ def _create(state: AppState, body: JobCreate, response: Response) -> JobOut:
         base = state.store.resolve_model(body.init_from)
         if base is None:
             raise NotFound(f"no model with id or name {body.init_from[:64]!r} to start from")
-        init_id, hp["hidden_size"] = base.id, base.hyperparameters.get("hidden_size")
         vocab = Vocab(tuple(base.vocab))
+        init_id, hp["hidden_size"] = base.id, _hidden_size(base.param_count, len(vocab))
         unknown = vocab.unknown(corpus)
         if unknown:
             raise UnknownCharactersError(unknown)
