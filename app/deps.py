@@ -10,6 +10,7 @@ from fastapi import Depends, Request
 
 from .errors import Unauthorized
 from .events import EventHub
+from .model_cache import ModelCache
 from .runner import ProcessRunner
 from .settings import Settings
 from .store import Store
@@ -21,6 +22,7 @@ class AppState:
     store: Store
     runner: ProcessRunner
     events: EventHub
+    models: ModelCache
 
 
 def get_state(request: Request) -> AppState:

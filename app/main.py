@@ -20,7 +20,8 @@ from .deps import AppState
 from .errors import install_error_handlers
 from .events import EventHub
 from .limits import BodyLimitMiddleware
-from .routes import health, jobs
+from .model_cache import ModelCache
+from .routes import health, jobs, models
 from .runner import ProcessRunner
 from .settings import Settings, get_settings
 from .store import SqliteStore
@@ -44,7 +45,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             on_event=events.publish,
         )
         runner.start()
-        app.state.charnn = AppState(settings, store, runner, events)
+        cache = ModelCache(store, settings.model_cache_size)
+        app.state.charnn = AppState(settings, store, runner, events, cache)
         try:
             yield
         finally:
@@ -69,6 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
     app.include_router(health.router)
     app.include_router(jobs.router)
+    app.include_router(models.router)
     return app
 
 

@@ -7,6 +7,7 @@ work on a single vector while the math keeps the classic names and shapes.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +29,12 @@ def param_shapes(n_a: int, n_x: int) -> dict[str, tuple[int, int]]:
 
 def flat_size(n_a: int, n_x: int) -> int:
     return sum(r * c for r, c in param_shapes(n_a, n_x).values())
+
+
+def hidden_size_for(param_count: int, n_x: int) -> int:
+    """n_a from a parameter count: the inverse of flat_size (n_a^2 + (2 n_x + 1) n_a + n_x)."""
+    b = 2 * n_x + 1
+    return round((-b + math.sqrt(b * b + 4 * (param_count - n_x))) / 2)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,6 +15,7 @@ from starlette.datastructures import FormData, UploadFile
 
 from model.data import check_trainable, split
 from model.errors import UnknownCharactersError
+from model.params import hidden_size_for
 from model.train import TrainConfig
 from model.vocab import Vocab
 
@@ -141,12 +141,6 @@ def _check_limits(state: AppState, body: JobCreate) -> None:
         raise Invalid("; ".join(problems))
 
 
-def _hidden_size(param_count: int, V: int) -> int:
-    """n_a of a stored model from its size: P = 2·n_a·V + n_a² + n_a + V."""
-    b = 2 * V + 1
-    return round((-b + math.sqrt(b * b + 4 * (param_count - V))) / 2)
-
-
 def _create(state: AppState, body: JobCreate, response: Response) -> JobOut:
     _check_limits(state, body)
     corpus = body.corpus
@@ -165,7 +159,7 @@ def _create(state: AppState, body: JobCreate, response: Response) -> JobOut:
         if base is None:
             raise NotFound(f"no model with id or name {body.init_from[:64]!r} to start from")
         vocab = Vocab(tuple(base.vocab))
-        init_id, hp["hidden_size"] = base.id, _hidden_size(base.param_count, len(vocab))
+        init_id, hp["hidden_size"] = base.id, hidden_size_for(base.param_count, len(vocab))
         unknown = vocab.unknown(corpus)
         if unknown:
             raise UnknownCharactersError(unknown)

@@ -1,0 +1,270 @@
+"""Trained models: predict, generate, score; list, inspect, download, upload, delete.
+
+The numpy routes are plain ``def``: FastAPI runs them in its thread pool, never
+on the event loop.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+from starlette.datastructures import UploadFile
+
+from model.checkpoint import model_from_bytes
+from model.inference import entropy_bits, iter_sample, next_distribution, score, score_summary
+from model.params import flat_size, hidden_size_for
+
+from ..deps import AppState, AuthDep, StateDep
+from ..errors import ErrorBody, Invalid, NotFound
+from ..model_cache import LoadedModel
+from ..model_schemas import (
+    GenerateIn,
+    GenerateOut,
+    ModelList,
+    ModelOut,
+    NextChar,
+    PredictIn,
+    PredictOut,
+    ScoreIn,
+    ScoreOut,
+)
+from ..store import ModelRecord
+
+router = APIRouter(tags=["models"])
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": text}
+    for code, text in {
+        401: "API key missing or wrong",
+        404: "no such model (or no model at all yet)",
+        413: "request body over max_body_bytes",
+        422: "invalid request, characters outside the vocabulary, or a malformed checkpoint",
+    }.items()
+}
+
+
+def model_out(m: ModelRecord) -> ModelOut:
+    V = len(m.vocab)
+    return ModelOut(
+        id=m.id,
+        name=m.name,
+        created_at=m.created_at,
+        job_id=m.job_id,
+        vocab=m.vocab,
+        vocab_size=V,
+        hidden_size=hidden_size_for(m.param_count, V),
+        hyperparameters=m.hyperparameters,
+        train_loss=m.metrics.get("train_loss"),
+        val_loss=m.metrics.get("val_loss"),
+        metrics=m.metrics,
+        param_count=m.param_count,
+        size_bytes=m.size_bytes,
+        dtype=m.dtype,
+    )
+
+
+def _record(state: AppState, ref: str | None) -> ModelRecord:
+    if ref is None:
+        record = state.store.newest_model()
+        if record is None:
+            raise NotFound("there is no trained model yet: train one with POST /jobs")
+        return record
+    record = state.store.resolve_model(ref)
+    if record is None:
+        raise NotFound(f"no model with id or name {ref[:64]!r}")
+    return record
+
+
+def _loaded(state: AppState, ref: str | None) -> LoadedModel:
+    record = _record(state, ref)  # the store decides existence: deletes take effect at once
+    loaded = state.models.get(record.id)
+    if loaded is None:
+        raise NotFound(f"model {record.id} has no checkpoint")
+    return loaded
+
+
+@router.post("/predict", responses=_ERRORS)
+def predict(body: PredictIn, state: StateDep) -> PredictOut:
+    """The probability of every next character after a prefix."""
+    loaded = _loaded(state, body.model)
+    vocab, params = loaded.ckpt.vocab, loaded.ckpt.params
+    text = body.text
+    if body.unknown == "skip":
+        text = "".join(c for c in text if c in vocab)
+    ids = vocab.encode(text)  # UnknownCharactersError -> 422 naming them
+    h = loaded.state_after(text, ids)
+    probs = next_distribution(params, h, body.temperature)
+    order = np.argsort(-probs, kind="stable")
+    if body.top_k is not None:
+        order = order[: body.top_k]
+    return PredictOut(
+        model=loaded.id,
+        text=body.text,
+        next=[NextChar(char=vocab.chars[i], prob=float(probs[i])) for i in order],
+        entropy_bits=entropy_bits(probs),
+    )
+
+
+def _sse(event: str, data: dict[str, Any]) -> str:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
+@router.post(
+    "/generate",
+    responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}, "model": GenerateOut}},
+    response_model=GenerateOut,
+)
+def generate(body: GenerateIn, state: StateDep) -> Any:
+    """Sample text after a prompt; ``stream: true`` sends it as Server-Sent Events."""
+    loaded = _loaded(state, body.model)
+    if any(not s for s in body.stop):
+        raise Invalid("stop strings must not be empty")
+    stream = iter_sample(
+        loaded.ckpt.params,
+        loaded.ckpt.vocab,
+        body.prompt,
+        max_chars=body.max_chars,
+        temperature=body.temperature,
+        top_k=body.top_k,
+        top_p=body.top_p,
+        seed=body.seed,
+        stop=body.stop,
+    )
+    if not body.stream:
+        text = "".join(stream)
+        reason = stream.finish_reason or "length"
+        return GenerateOut(model=loaded.id, text=text, finish_reason=reason)
+
+    def events() -> Iterator[str]:
+        parts: list[str] = []
+        for ch in stream:
+            parts.append(ch)
+            yield _sse("chunk", {"text": ch})
+        final = {"model": loaded.id, "text": "".join(parts)}
+        yield _sse("done", {**final, "finish_reason": stream.finish_reason or "length"})
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+@router.post("/score", responses=_ERRORS)
+def score_text(body: ScoreIn, state: StateDep) -> ScoreOut:
+    """One natural-log probability per character, the first given the empty prefix."""
+    loaded = _loaded(state, body.model)
+    logprobs = score(loaded.ckpt.params, loaded.ckpt.vocab.encode(body.text))
+    s = score_summary(logprobs)
+    return ScoreOut(
+        model=loaded.id,
+        chars=s.chars,
+        logprobs=[float(x) for x in logprobs],
+        mean_nats=s.mean_nats,
+        bits_per_char=s.bits_per_char,
+        perplexity=s.perplexity,
+    )
+
+
+@router.get("/models", responses=_ERRORS)
+def list_models(
+    state: StateDep,
+    limit: int = Query(50, ge=1, le=500),
+    offset: int = Query(0, ge=0, le=10**9),
+) -> ModelList:
+    """Models, newest first."""
+    items = [model_out(m) for m in state.store.list_models(limit, offset)]
+    return ModelList(items=items, total=state.store.count_models(), limit=limit, offset=offset)
+
+
+@router.get("/models/{model_id}", responses=_ERRORS)
+def get_model(model_id: str, state: StateDep) -> ModelOut:
+    """One model: name, vocabulary in index order, hyperparameters, losses, size."""
+    record = state.store.get_model(model_id)
+    if record is None:
+        raise NotFound(f"no model with id {model_id[:64]!r}")
+    return model_out(record)
+
+
+@router.delete("/models/{model_id}", status_code=204, dependencies=[AuthDep], responses=_ERRORS)
+def delete_model(model_id: str, state: StateDep) -> Response:
+    """Delete a model and its checkpoint."""
+    if not state.store.delete_model(model_id):
+        raise NotFound(f"no model with id {model_id[:64]!r}")
+    state.models.forget(model_id)
+    return Response(status_code=204)
+
+
+@router.get(
+    "/models/{model_id}/checkpoint",
+    responses={**_ERRORS, 200: {"content": {"application/octet-stream": {}}}},
+)
+def download_checkpoint(model_id: str, state: StateDep) -> Response:
+    """The model's .npz: arrays Wax, Waa, Wya, ba, by and a JSON meta string."""
+    data = state.store.read_model_bytes(model_id)
+    if data is None:
+        raise NotFound(f"no model with id {model_id[:64]!r}")
+    headers = {"Content-Disposition": f'attachment; filename="{model_id}.npz"'}
+    return Response(data, media_type="application/octet-stream", headers=headers)
+
+
+@router.post(
+    "/models",
+    status_code=201,
+    dependencies=[AuthDep],
+    responses=_ERRORS,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["file"],
+                        "properties": {
+                            "file": {"type": "string", "format": "binary"},
+                            "name": {"type": "string", "maxLength": 200},
+                        },
+                    }
+                },
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            },
+        }
+    },
+)
+async def upload_model(request: Request, response: Response, state: StateDep) -> ModelOut:
+    """Upload a .npz checkpoint; validated strictly and never unpickled."""
+    name = request.query_params.get("name")
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        async with request.form() as form:
+            part = form.get("file")
+            if not isinstance(part, UploadFile):
+                raise Invalid("multipart body needs a 'file' part holding the .npz")
+            data = await part.read()
+            form_name = form.get("name")
+            if isinstance(form_name, str):
+                name = form_name
+    else:
+        data = await request.body()
+    if name is not None and len(name) > 200:
+        raise Invalid("name must be at most 200 characters")
+
+    def store_it() -> ModelRecord:
+        ckpt = model_from_bytes(data)  # CheckpointError -> 422 saying what is wrong
+        p = ckpt.params
+        return state.store.add_model(
+            name or str(ckpt.extra.get("name") or "uploaded"),
+            None,
+            data,
+            ckpt.hyperparameters,
+            ckpt.metrics,
+            list(ckpt.vocab.chars),
+            flat_size(p.n_a, p.n_x),
+            str(p.dtype),
+        )
+
+    record = await run_in_threadpool(store_it)
+    response.headers["Location"] = f"/models/{record.id}"
+    return model_out(record)
