@@ -34,6 +34,11 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
+def documented(statuses: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses=`` entries for error statuses, each with the ErrorBody schema."""
+    return {code: {"model": ErrorBody, "description": text} for code, text in statuses.items()}
+
+
 class ApiError(Exception):
     status = 400
     code = "bad_request"

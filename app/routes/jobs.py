@@ -20,7 +20,7 @@ from model.train import TrainConfig
 from model.vocab import Vocab
 
 from ..deps import AppState, AuthDep, StateDep
-from ..errors import Conflict, ErrorBody, Invalid, NotFound, QueueFull, Unavailable
+from ..errors import Conflict, Invalid, NotFound, QueueFull, Unavailable, documented
 from ..runner import QueueFullError
 from ..schemas import (
     CorpusInfo,
@@ -41,9 +41,8 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 RETRY_AFTER_S = "10"
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody, "description": text}
-    for code, text in {
+_ERRORS = documented(
+    {
         401: "API key missing or wrong",
         404: "no such job or model",
         409: "the job is already finished",
@@ -51,8 +50,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         422: "invalid corpus, hyperparameters or request",
         429: "the job queue is full (see Retry-After)",
         503: "the store is not writable",
-    }.items()
-}
+    }
+)
 
 
 def job_out(job: JobRecord) -> JobOut:

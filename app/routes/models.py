@@ -21,7 +21,7 @@ from model.inference import entropy_bits, iter_sample, next_distribution, score,
 from model.params import flat_size, hidden_size_for
 
 from ..deps import AppState, AuthDep, StateDep
-from ..errors import ErrorBody, Invalid, NotFound
+from ..errors import Invalid, NotFound, documented
 from ..model_cache import LoadedModel
 from ..model_schemas import (
     GenerateIn,
@@ -38,15 +38,14 @@ from ..store import ModelRecord
 
 router = APIRouter(tags=["models"])
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody, "description": text}
-    for code, text in {
+_ERRORS = documented(
+    {
         401: "API key missing or wrong",
         404: "no such model (or no model at all yet)",
         413: "request body over max_body_bytes",
         422: "invalid request, characters outside the vocabulary, or a malformed checkpoint",
-    }.items()
-}
+    }
+)
 
 
 def model_out(m: ModelRecord) -> ModelOut:
