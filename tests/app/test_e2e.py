@@ -34,6 +34,12 @@ def test_submit_follow_events_and_read_the_curve(serve: Callable[..., Server]) -
     assert any(kind == "progress" for kind, _ in events[:-1])
     points = httpx.get(f"{server.url}/jobs/{job_id}/metrics").json()["points"]
     assert points[-1]["train_loss"] < points[0]["train_loss"]
+    # and the model it made answers over HTTP, as a file download too
+    pred = httpx.post(f"{server.url}/predict", json={"text": "the quick brown f"}).json()
+    assert pred["model"] == events[-1][1]["model_id"]
+    assert abs(sum(n["prob"] for n in pred["next"]) - 1) < 1e-9
+    ckpt = httpx.get(f"{server.url}/models/{pred['model']}/checkpoint")
+    assert ckpt.status_code == 200 and ckpt.content[:2] == b"PK"  # a zip: the .npz
 
 
 def test_kill_9_then_restart_resumes_from_the_checkpoint(serve: Callable[..., Server]) -> None:
