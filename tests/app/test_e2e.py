@@ -44,7 +44,7 @@ def test_submit_follow_events_and_read_the_curve(serve: Callable[..., Server]) -
 
 def test_kill_9_then_restart_resumes_from_the_checkpoint(serve: Callable[..., Server]) -> None:
     server = serve()
-    hp = {**QUICK, "max_steps": 4000, "eval_every": 500}
+    hp = {**QUICK, "max_steps": 15000, "eval_every": 5000}  # far from done when killed
     job_id = httpx.post(
         f"{server.url}/jobs", json={"corpus": CORPUS, "hyperparameters": hp}
     ).json()["id"]
