@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections import defaultdict
 from typing import Any
@@ -40,3 +41,9 @@ class EventHub:
         if q.full():  # a slow reader loses old progress, never the final status
             q.get_nowait()
         q.put_nowait(message)
+
+
+def sse_event(event: str, data: dict[str, Any], event_id: int | None = None) -> str:
+    """One Server-Sent Event; an ``id`` lets a browser resume with Last-Event-ID."""
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    return f"{head}event: {event}\ndata: {json.dumps(data, allow_nan=False)}\n\n"

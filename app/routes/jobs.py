@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -21,6 +20,7 @@ from model.vocab import Vocab
 
 from ..deps import AppState, AuthDep, StateDep
 from ..errors import Conflict, Invalid, NotFound, QueueFull, Unavailable, documented
+from ..events import sse_event
 from ..runner import QueueFullError
 from ..schemas import (
     CorpusInfo,
@@ -274,11 +274,6 @@ async def cancel_job(job_id: str, state: StateDep) -> JobOut:
     return job_out(job)
 
 
-def _sse(event: str, data: dict[str, Any], event_id: int | None = None) -> str:
-    head = f"id: {event_id}\n" if event_id is not None else ""
-    return f"{head}event: {event}\ndata: {json.dumps(data, allow_nan=False)}\n\n"
-
-
 @router.get(
     "/{job_id}/events",
     responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "SSE"}},
@@ -293,9 +288,9 @@ async def job_events(job_id: str, state: StateDep) -> StreamingResponse:
             current = await run_in_threadpool(_get, state, job_id)
             snapshot = job_out(current).model_dump()
             if current.status in TERMINAL:
-                yield _sse("status", snapshot, current.step)
+                yield sse_event("status", snapshot, current.step)
                 return
-            yield _sse("progress", {"step": current.step, "job": snapshot}, current.step)
+            yield sse_event("progress", {"step": current.step, "job": snapshot}, current.step)
             while True:
                 try:
                     m = await asyncio.wait_for(queue.get(), timeout=15)
@@ -304,10 +299,10 @@ async def job_events(job_id: str, state: StateDep) -> StreamingResponse:
                     continue
                 if m.get("type") == "progress":
                     data = {k: v for k, v in m.items() if k != "type"}
-                    yield _sse("progress", data, int(m["step"]))
+                    yield sse_event("progress", data, int(m["step"]))
                 elif m.get("type") == "status" and m.get("status") in TERMINAL:
                     final = await run_in_threadpool(_get, state, job_id)
-                    yield _sse("status", job_out(final).model_dump(), final.step)
+                    yield sse_event("status", job_out(final).model_dump(), final.step)
                     return
         finally:
             state.events.unsubscribe(job_id, queue)

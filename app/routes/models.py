@@ -6,7 +6,6 @@ on the event loop.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,6 +21,7 @@ from model.params import flat_size, hidden_size_for
 
 from ..deps import AppState, AuthDep, StateDep
 from ..errors import Invalid, NotFound, documented
+from ..events import sse_event
 from ..model_cache import LoadedModel
 from ..model_schemas import (
     GenerateIn,
@@ -110,10 +110,6 @@ def predict(body: PredictIn, state: StateDep) -> PredictOut:
     )
 
 
-def _sse(event: str, data: dict[str, Any]) -> str:
-    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
-
-
 @router.post(
     "/generate",
     responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}, "model": GenerateOut}},
@@ -144,9 +140,9 @@ def generate(body: GenerateIn, state: StateDep) -> Any:
         parts: list[str] = []
         for ch in stream:
             parts.append(ch)
-            yield _sse("chunk", {"text": ch})
+            yield sse_event("chunk", {"text": ch})
         final = {"model": loaded.id, "text": "".join(parts)}
-        yield _sse("done", {**final, "finish_reason": stream.finish_reason or "length"})
+        yield sse_event("done", {**final, "finish_reason": stream.finish_reason or "length"})
 
     return StreamingResponse(events(), media_type="text/event-stream")
 
