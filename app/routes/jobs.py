@@ -280,10 +280,12 @@ async def cancel_job(job_id: str, state: StateDep) -> JobOut:
 )
 async def job_events(job_id: str, state: StateDep) -> StreamingResponse:
     """Server-Sent Events: `progress` while running, then one `status` with the final job."""
-    job = await run_in_threadpool(_get, state, job_id)
-    queue = state.events.subscribe(job_id)
+    await run_in_threadpool(_get, state, job_id)  # 404 before the stream starts
 
     async def stream() -> AsyncIterator[str]:
+        # Subscribe inside the stream, so one that never starts (client gone)
+        # leaves no subscription behind; before the snapshot, so nothing is missed.
+        queue = state.events.subscribe(job_id)
         try:
             current = await run_in_threadpool(_get, state, job_id)
             snapshot = job_out(current).model_dump()
@@ -307,6 +309,5 @@ async def job_events(job_id: str, state: StateDep) -> StreamingResponse:
         finally:
             state.events.unsubscribe(job_id, queue)
 
-    del job
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
