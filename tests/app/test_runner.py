@@ -14,9 +14,7 @@ import pytest
 from app.runner import ProcessRunner, QueueFullError
 from app.store import JobRecord, SqliteStore
 
-CORPUS = "the quick brown fox jumps over the lazy dog. " * 60
-QUICK = {"hidden_size": 16, "seq_length": 16, "batch_size": 4, "max_steps": 40, "eval_every": 10}
-LONG = {**QUICK, "max_steps": 10**7}
+from .conftest import CORPUS, LONG, QUICK
 
 
 @pytest.fixture

@@ -10,8 +10,9 @@ import numpy as np
 from app.worker import JobSpec, run_job
 from model.checkpoint import load_model
 
-CORPUS = "the quick brown fox jumps over the lazy dog. " * 60
-HP = {"hidden_size": 16, "seq_length": 16, "batch_size": 4, "max_steps": 30, "eval_every": 10}
+from .conftest import CORPUS, QUICK
+
+HP = {**QUICK, "max_steps": 30}
 
 
 def spec(tmp_path: Path, corpus: str = CORPUS, **overrides: Any) -> JobSpec:
