@@ -83,14 +83,24 @@ def test_resume_refuses_another_corpus() -> None:
 
 
 def test_result_is_the_best_validation_model() -> None:
-    # A learning rate too high for sgd makes the validation loss jump around.
-    config = cfg(eval_every=5, max_steps=60, optimizer="sgd", learning_rate=3.0)
-    trainer = Trainer(SENTENCES, config)
-    vals = [e.val_loss for e in trainer.run() if e.val_loss is not None]
-    result = trainer.result()
-    assert result.metrics["val_loss"] == min(vals)
-    assert evaluate(result.params, trainer.val_ids) == pytest.approx(min(vals), rel=1e-6)
-    assert result.metrics["best_step"] % 5 == 0 or result.metrics["best_step"] == 60
+    # A learning rate too high for sgd makes the validation loss jump around, so the best
+    # evaluation is not the last one. Where that edge lies depends on the CPU's rounding,
+    # so a few seeds are tried: any run that does not diverge must return its best model,
+    # and at least one of them must have had a best model before its last evaluation.
+    best_before_last = 0
+    for seed in range(4):
+        config = cfg(eval_every=5, max_steps=60, optimizer="sgd", learning_rate=2.5, seed=seed)
+        trainer = Trainer(SENTENCES, config)
+        try:
+            vals = [e.val_loss for e in trainer.run() if e.val_loss is not None]
+        except DivergedError:
+            continue
+        result = trainer.result()
+        assert result.metrics["val_loss"] == min(vals)
+        assert evaluate(result.params, trainer.val_ids) == pytest.approx(min(vals), rel=1e-6)
+        assert result.metrics["best_step"] % 5 == 0
+        best_before_last += result.metrics["best_step"] < 60
+    assert best_before_last >= 1
 
 
 def test_early_stopping_after_patience_evals_without_improvement() -> None:
