@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,6 +23,7 @@ class Vocab:
     _codes: np.ndarray = field(init=False, repr=False, compare=False)
     _order: np.ndarray = field(init=False, repr=False, compare=False)
     _index: dict[str, int] = field(init=False, repr=False, compare=False)
+    _unknown_re: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.chars:
@@ -35,6 +37,8 @@ class Vocab:
         object.__setattr__(self, "_codes", codes[order])
         object.__setattr__(self, "_order", order.astype(np.int32))
         object.__setattr__(self, "_index", {c: i for i, c in enumerate(self.chars)})
+        known = "".join(re.escape(c) for c in self.chars)
+        object.__setattr__(self, "_unknown_re", re.compile(f"[^{known}]+"))
 
     @classmethod
     def from_text(cls, text: str) -> Vocab:
@@ -54,12 +58,20 @@ class Vocab:
         """Distinct characters of text not in the vocabulary, in order of appearance."""
         return list(dict.fromkeys(c for c in text if c not in self._index))
 
+    def drop_unknown(self, text: str) -> str:
+        """``text`` without the characters outside the vocabulary."""
+        return self._unknown_re.sub("", text)
+
     def encode(self, text: str, unknown: str = "error") -> np.ndarray:
         """Indices (int32) of the characters of text.
 
         unknown="error" raises UnknownCharactersError naming the characters;
         unknown="skip" drops them.
         """
+        if len(text) <= 8:  # a few dict lookups beat the vectorised path's fixed cost
+            index = self._index
+            if all(c in index for c in text):
+                return np.array([index[c] for c in text], dtype=np.int32)
         codes = _codepoints(text)
         pos = np.searchsorted(self._codes, codes)
         pos_c = np.minimum(pos, len(self._codes) - 1)

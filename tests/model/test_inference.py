@@ -13,6 +13,7 @@ import pytest
 
 from model.errors import UnknownCharactersError
 from model.inference import (
+    InferenceWeights,
     advance,
     entropy_bits,
     initial_state,
@@ -21,6 +22,7 @@ from model.inference import (
     next_distribution,
     sample,
     score,
+    score_from,
     score_summary,
 )
 from model.params import Params, init_params
@@ -343,6 +345,49 @@ def test_iter_sample_streams_the_same_text() -> None:
     assert ("".join(chars), stream.finish_reason) == sample(
         p, VOCAB, "dog", max_chars=25, seed=4, stop=["zz"]
     )
+
+
+def test_finish_reason_survives_reading_past_the_end() -> None:
+    p = make_params(spread=4.0)
+    full = ref_greedy(p, "", 40)
+    stop = full[5:7]
+    stream = iter_sample(p, VOCAB, "", max_chars=40, temperature=0.0, stop=stop)
+    assert "".join(stream) == full[: full.index(stop)] and stream.finish_reason == "stop"
+    assert list(stream) == [] and stream.finish_reason == "stop"  # a second read changes nothing
+
+
+def test_sampling_from_a_given_prompt_state_matches_stepping_the_prompt() -> None:
+    p = make_params()
+    h = advance(p, initial_state(p), VOCAB.encode("the lazy"))
+    kept = h.copy()
+    given = sample(p, VOCAB, "the lazy", max_chars=30, seed=3, state=h)
+    assert given == sample(p, VOCAB, "the lazy", max_chars=30, seed=3)
+    np.testing.assert_array_equal(h, kept)  # the caller's state is not stepped in place
+
+
+def test_scoring_in_pieces_equals_scoring_whole() -> None:
+    p = make_params()
+    ids = VOCAB.encode(CORPUS * 3)
+    whole = score(p, ids)
+    h, pieces = initial_state(p), []
+    for i in range(0, ids.size, 17):
+        lp, h = score_from(p, h, ids[i : i + 17])
+        pieces.append(lp)
+    np.testing.assert_allclose(np.concatenate(pieces), whole, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(h, advance(p, initial_state(p), ids), rtol=0, atol=1e-12)
+
+
+def test_inference_weights_are_a_snapshot_giving_the_same_numbers() -> None:
+    p = make_params("float32")
+    w = InferenceWeights.of(p)
+    ids = VOCAB.encode(CORPUS)
+    np.testing.assert_array_equal(
+        advance(w, initial_state(w), ids), advance(p, initial_state(p), ids)
+    )
+    np.testing.assert_array_equal(score(w, ids), score(p, ids))
+    before = next_distribution(w, initial_state(w))
+    p.flat[:] += 1.0  # training mutates Params in place; the snapshot must not follow
+    np.testing.assert_array_equal(next_distribution(w, initial_state(w)), before)
 
 
 def test_sampling_does_not_modify_params() -> None:
