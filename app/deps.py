@@ -25,7 +25,9 @@ class AppState:
     models: ModelCache
 
 
-def get_state(request: Request) -> AppState:
+# Both dependencies are ``async def`` although they never await: FastAPI runs a
+# plain ``def`` dependency in its thread pool, a thread hop on every request.
+async def get_state(request: Request) -> AppState:
     state: AppState = request.app.state.charnn
     return state
 
@@ -33,7 +35,7 @@ def get_state(request: Request) -> AppState:
 StateDep = Annotated[AppState, Depends(get_state)]
 
 
-def require_api_key(request: Request, state: StateDep) -> None:
+async def require_api_key(request: Request, state: StateDep) -> None:
     """When CHARNN_API_KEY is set, mutating requests must carry it (compared in constant time)."""
     key = state.settings.api_key
     if key is None:

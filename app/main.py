@@ -41,6 +41,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max_concurrent_jobs=settings.max_concurrent_jobs,
             max_queued_jobs=settings.max_queued_jobs,
             job_threads=settings.job_threads,
+            job_nice=settings.job_nice,
             checkpoint_every_s=settings.checkpoint_every_s,
             on_event=events.publish,
         )

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing as mp
+import os
 import threading
 import time
 from collections import deque
@@ -56,7 +57,10 @@ def _job_main(spec: dict[str, Any], conn: Connection, stop: Event) -> None:
         conn.send_bytes(json.dumps(message, allow_nan=False).encode())
 
     try:
-        run_job(JobSpec(**spec), send, stop.is_set)
+        job = JobSpec(**spec)
+        if job.nice:
+            os.nice(job.nice)  # inherited by the job's shard process
+        run_job(job, send, stop.is_set)
     except Exception as exc:  # a bug or an I/O failure: report it without a traceback
         log.exception("job %s crashed", spec.get("job_id"))
         name = type(exc).__name__
@@ -84,6 +88,7 @@ class ProcessRunner:
         max_concurrent_jobs: int,
         max_queued_jobs: int,
         job_threads: int,
+        job_nice: int = 0,
         checkpoint_every_s: float,
         on_event: OnEvent | None = None,
     ) -> None:
@@ -91,6 +96,7 @@ class ProcessRunner:
         self.max_concurrent = max_concurrent_jobs
         self.max_queued = max_queued_jobs
         self.job_threads = job_threads
+        self.job_nice = job_nice
         self.checkpoint_every_s = checkpoint_every_s
         self.on_event = on_event
         self._ctx = mp.get_context("spawn")
@@ -202,6 +208,7 @@ class ProcessRunner:
             seed=job.seed,
             init_model_path=init_path,
             threads=self.job_threads,
+            nice=self.job_nice,
             checkpoint_every_s=self.checkpoint_every_s,
             extra={"name": job.name, "job_id": job_id},
         )

@@ -75,6 +75,15 @@ class Settings(BaseSettings):
         le=256,
         description="CPU cores (BLAS threads / shards) each training job uses.",
     )
+    job_nice: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description=(
+            "Scheduling niceness of training processes: above 0, requests are served "
+            "first when jobs and requests compete for the CPU."
+        ),
+    )
     checkpoint_every_s: float = Field(
         default=30.0,
         gt=0,

@@ -138,6 +138,11 @@ class Store(Protocol):
     def count_models(self) -> int: ...
     def resolve_model(self, id_or_name: str) -> ModelRecord | None: ...
     def newest_model(self) -> ModelRecord | None: ...
+    @property
+    def models_version(self) -> int:
+        """Changes whenever a model is added or deleted: lets callers cache lookups."""
+        ...
+
     def delete_model(self, model_id: str) -> bool: ...
     def model_path(self, model_id: str) -> Path | None: ...
     def read_model_bytes(self, model_id: str) -> bytes | None: ...
@@ -313,6 +318,7 @@ class SqliteStore:
         self._jobs_dir.mkdir(parents=True, exist_ok=True)
         self._models_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._models_version = 0
         self._conn = sqlite3.connect(
             self.data_dir / DB_NAME, timeout=30.0, isolation_level=None, check_same_thread=False
         )
@@ -578,6 +584,7 @@ class SqliteStore:
                         dtype,
                     ),
                 )
+                self._models_version += 1
         except BaseException:
             path.unlink(missing_ok=True)
             raise
@@ -616,6 +623,13 @@ class SqliteStore:
         rows = self._query(f"SELECT {_MODEL_COLUMNS} FROM models {_NEWEST} LIMIT 1")
         return _model(rows[0]) if rows else None
 
+    @property
+    def models_version(self) -> int:
+        """Counts this store's model writes. The embedded store has one API process
+        per data directory (job processes never write models rows), so an in-memory
+        counter sees every change."""
+        return self._models_version
+
     def delete_model(self, model_id: str) -> bool:
         """Delete the row, then the file; True if the model existed.
 
@@ -626,6 +640,7 @@ class SqliteStore:
             return False
         with self._tx() as conn:
             deleted = conn.execute("DELETE FROM models WHERE id = ?", (model_id,)).rowcount > 0
+            self._models_version += deleted
         if deleted:
             (self._models_dir / f"{model_id}.npz").unlink(missing_ok=True)
         return deleted

@@ -46,6 +46,7 @@ class JobSpec:
     seed: int = 0
     init_model_path: str | None = None
     threads: int = 2
+    nice: int = 0  # added to the process's niceness before training (0: unchanged)
     checkpoint_every_s: float = 30.0
     extra: dict[str, Any] = field(default_factory=dict)  # saved in the model's meta
 

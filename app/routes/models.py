@@ -1,12 +1,12 @@
 """Trained models: predict, generate, score; list, inspect, download, upload, delete.
 
-The numpy routes are plain ``def``: FastAPI runs them in its thread pool, never
-on the event loop.
+Model math runs on the event loop in short slices (see serving.py); store and
+file access runs in the thread pool, so the loop is never blocked for long.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
@@ -16,9 +16,11 @@ from fastapi.responses import StreamingResponse
 from starlette.datastructures import UploadFile
 
 from model.checkpoint import model_from_bytes
-from model.inference import entropy_bits, iter_sample, next_distribution, score, score_summary
+from model.inference import entropy_bits, iter_sample, next_distribution, score_summary
 from model.params import flat_size, hidden_size_for
+from model.vocab import Vocab
 
+from .. import serving
 from ..deps import AppState, AuthDep, StateDep
 from ..errors import Invalid, NotFound, documented
 from ..events import sse_event
@@ -68,44 +70,40 @@ def model_out(m: ModelRecord) -> ModelOut:
     )
 
 
-def _record(state: AppState, ref: str | None) -> ModelRecord:
-    if ref is None:
-        record = state.store.newest_model()
-        if record is None:
-            raise NotFound("there is no trained model yet: train one with POST /jobs")
-        return record
-    record = state.store.resolve_model(ref)
+async def _loaded(state: AppState, ref: str | None) -> LoadedModel:
+    """The model ``ref`` names (None: the newest), loaded; the store decides existence,
+    through a lookup cache that a model's deletion or addition invalidates."""
+    found, record = state.models.cached_record(ref)
+    if not found:
+        record = await run_in_threadpool(state.models.resolve, ref)
     if record is None:
+        if ref is None:
+            raise NotFound("there is no trained model yet: train one with POST /jobs")
         raise NotFound(f"no model with id or name {ref[:64]!r}")
-    return record
-
-
-def _loaded(state: AppState, ref: str | None) -> LoadedModel:
-    record = _record(state, ref)  # the store decides existence: deletes take effect at once
-    loaded = state.models.get(record.id)
+    loaded = state.models.cached(record.id)
+    if loaded is None:
+        loaded = await run_in_threadpool(state.models.get, record.id)
     if loaded is None:
         raise NotFound(f"model {record.id} has no checkpoint")
     return loaded
 
 
 @router.post("/predict", responses=_ERRORS)
-def predict(body: PredictIn, state: StateDep) -> PredictOut:
+async def predict(body: PredictIn, state: StateDep) -> PredictOut:
     """The probability of every next character after a prefix."""
-    loaded = _loaded(state, body.model)
-    vocab, params = loaded.ckpt.vocab, loaded.ckpt.params
-    text = body.text
-    if body.unknown == "skip":
-        text = "".join(c for c in text if c in vocab)
-    ids = vocab.encode(text)  # UnknownCharactersError -> 422 naming them
-    h = loaded.state_after(text, ids)
-    probs = next_distribution(params, h, body.temperature)
+    loaded = await _loaded(state, body.model)
+    vocab: Vocab = loaded.ckpt.vocab
+    text = body.text if body.unknown == "error" else vocab.drop_unknown(body.text)
+    h = await serving.state_after(loaded, text)  # UnknownCharactersError -> 422 naming them
+    probs = next_distribution(loaded.weights, h, body.temperature)
     order = np.argsort(-probs, kind="stable")
     if body.top_k is not None:
         order = order[: body.top_k]
+    chars, top = vocab.chars, probs[order].tolist()
     return PredictOut(
         model=loaded.id,
         text=body.text,
-        next=[NextChar(char=vocab.chars[i], prob=float(probs[i])) for i in order],
+        next=[NextChar(char=chars[i], prob=p) for i, p in zip(order.tolist(), top, strict=True)],
         entropy_bits=entropy_bits(probs),
     )
 
@@ -115,15 +113,17 @@ def predict(body: PredictIn, state: StateDep) -> PredictOut:
     responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}, "model": GenerateOut}},
     response_model=GenerateOut,
 )
-def generate(body: GenerateIn, state: StateDep) -> Any:
+async def generate(body: GenerateIn, state: StateDep) -> Any:
     """Sample text after a prompt; ``stream: true`` sends it as Server-Sent Events."""
-    loaded = _loaded(state, body.model)
+    loaded = await _loaded(state, body.model)
     if any(not s for s in body.stop):
         raise Invalid("stop strings must not be empty")
+    prompt_state = await serving.state_after(loaded, body.prompt)  # unknown characters: 422
     stream = iter_sample(
-        loaded.ckpt.params,
+        loaded.weights,
         loaded.ckpt.vocab,
         body.prompt,
+        state=prompt_state,
         max_chars=body.max_chars,
         temperature=body.temperature,
         top_k=body.top_k,
@@ -132,15 +132,16 @@ def generate(body: GenerateIn, state: StateDep) -> Any:
         stop=body.stop,
     )
     if not body.stream:
-        text = "".join(stream)
+        text = await serving.sample_all(stream, loaded.weights.n_a)
         reason = stream.finish_reason or "length"
         return GenerateOut(model=loaded.id, text=text, finish_reason=reason)
 
-    def events() -> Iterator[str]:
+    async def events() -> AsyncIterator[str]:
         parts: list[str] = []
-        for ch in stream:
-            parts.append(ch)
-            yield sse_event("chunk", {"text": ch})
+        while chunk := await serving.sample_slice(stream, loaded.weights.n_a):
+            for ch in chunk:
+                parts.append(ch)
+                yield sse_event("chunk", {"text": ch})
         final = {"model": loaded.id, "text": "".join(parts)}
         yield sse_event("done", {**final, "finish_reason": stream.finish_reason or "length"})
 
@@ -148,15 +149,15 @@ def generate(body: GenerateIn, state: StateDep) -> Any:
 
 
 @router.post("/score", responses=_ERRORS)
-def score_text(body: ScoreIn, state: StateDep) -> ScoreOut:
+async def score_text(body: ScoreIn, state: StateDep) -> ScoreOut:
     """One natural-log probability per character, the first given the empty prefix."""
-    loaded = _loaded(state, body.model)
-    logprobs = score(loaded.ckpt.params, loaded.ckpt.vocab.encode(body.text))
+    loaded = await _loaded(state, body.model)
+    logprobs = await serving.score_text(loaded, body.text)
     s = score_summary(logprobs)
     return ScoreOut(
         model=loaded.id,
         chars=s.chars,
-        logprobs=[float(x) for x in logprobs],
+        logprobs=logprobs.tolist(),
         mean_nats=s.mean_nats,
         bits_per_char=s.bits_per_char,
         perplexity=s.perplexity,

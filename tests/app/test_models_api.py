@@ -9,6 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
+
+from app import serving
+from model.checkpoint import ModelCheckpoint, model_to_bytes
+from model.inference import advance, initial_state, next_distribution, sample, score
+from model.params import init_params
+from model.vocab import Vocab
 
 from .conftest import asgi_client, settings_for, wait_status
 
@@ -111,5 +118,79 @@ def test_predict_generate_score_and_manage(tmp_path: Path) -> None:
             assert (await c.delete(f"/models/{copy_id}")).status_code == 404
             for bad_id in ("../../etc/passwd", "x" * 3000):
                 assert (await c.get(f"/models/{bad_id}")).status_code == 404
+
+    asyncio.run(go())
+
+
+TEXT = "It is a truth universally acknowledged, that a single man in possession "
+
+
+def checkpoint(seed: int, hidden: int = 16) -> tuple[ModelCheckpoint, bytes]:
+    vocab = Vocab.from_text(TEXT)
+    ckpt = ModelCheckpoint(init_params(hidden, len(vocab), np.random.default_rng(seed)), vocab)
+    return ckpt, model_to_bytes(ckpt)
+
+
+async def upload(c: httpx.AsyncClient, data: bytes, name: str) -> str:
+    r = await c.post("/models", content=data, params={"name": name})
+    assert r.status_code == 201, r.text
+    model_id: str = r.json()["id"]
+    return model_id
+
+
+def test_model_references_follow_uploads_and_deletes(tmp_path: Path) -> None:
+    """Lookups are cached between model changes; every change shows on the next request."""
+
+    async def go() -> None:
+        async with asgi_client(settings_for(tmp_path)) as c:
+
+            async def served(ref: str | None) -> str | int:
+                body = {"text": "It is"} | ({} if ref is None else {"model": ref})
+                r = await c.post("/predict", json=body)
+                return str(r.json()["model"]) if r.status_code == 200 else r.status_code
+
+            first = await upload(c, checkpoint(1)[1], "same")
+            assert await served("same") == first and await served(None) == first
+            second = await upload(c, checkpoint(2)[1], "same")
+            assert await served("same") == second and await served(None) == second
+            assert await served(first) == first
+            assert (await c.delete(f"/models/{second}")).status_code == 204
+            assert await served("same") == first and await served(None) == first
+            assert (await c.delete(f"/models/{first}")).status_code == 204
+            assert await served("same") == 404 and await served(None) == 404
+
+    asyncio.run(go())
+
+
+def test_long_inputs_are_stepped_in_slices_with_the_same_numbers(tmp_path: Path) -> None:
+    """At H=256 a slice is 61 steps: a 700-character prefix takes twelve, with the loop
+    free between them, and must give exactly what the model computes in one go."""
+    ckpt, data = checkpoint(3, hidden=256)
+    assert serving.slice_steps(256) == 61
+    text = (TEXT * 10)[:700]
+    ids = ckpt.vocab.encode(text)
+    p = ckpt.params
+    want = next_distribution(p, advance(p, initial_state(p), ids))
+    want_lp = score(p, ids)
+
+    async def go() -> None:
+        async with asgi_client(settings_for(tmp_path)) as c:
+            model_id = await upload(c, data, "big")
+            for prefix in (text, text[:-1], text):  # uncached, then cached ones
+                r = (await c.post("/predict", json={"model": model_id, "text": prefix})).json()
+                got = {n["char"]: n["prob"] for n in r["next"]}
+                exp = (
+                    want
+                    if prefix == text
+                    else next_distribution(p, advance(p, initial_state(p), ids[:-1]))
+                )
+                for i, ch in enumerate(ckpt.vocab.chars):
+                    assert math.isclose(got[ch], exp[i], rel_tol=1e-5, abs_tol=1e-9)
+            sc = (await c.post("/score", json={"model": model_id, "text": text})).json()
+            np.testing.assert_allclose(sc["logprobs"], want_lp, rtol=1e-5, atol=1e-6)
+            body = {"model": model_id, "prompt": text, "max_chars": 150, "seed": 5}
+            g = (await c.post("/generate", json=body)).json()
+            expected, _ = sample(p, ckpt.vocab, text, max_chars=150, seed=5)
+            assert g["text"] == expected
 
     asyncio.run(go())

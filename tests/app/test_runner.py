@@ -88,6 +88,21 @@ def test_cancel_stops_a_running_job(store: SqliteStore) -> None:
         runner.stop()
 
 
+def test_job_processes_run_at_the_configured_niceness(store: SqliteStore) -> None:
+    runner = make_runner(store, job_nice=7)
+    runner.start()
+    try:
+        job = new_job(store, LONG)
+        runner.submit(job.id)
+        wait_for(lambda: (store.get_job(job.id) or job).step > 0)
+        pid = runner._running[job.id].process.pid
+        assert pid is not None
+        assert os.getpriority(os.PRIO_PROCESS, pid) == os.getpriority(os.PRIO_PROCESS, 0) + 7
+        assert runner.cancel(job.id)
+    finally:
+        runner.stop()
+
+
 def test_a_killed_worker_fails_the_job_and_the_runner_goes_on(store: SqliteStore) -> None:
     runner = make_runner(store)
     runner.start()
