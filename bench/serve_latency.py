@@ -1,28 +1,30 @@
 """Serving latency and throughput of /predict against /healthz, idle and while a job trains.
 
-    python bench/serve_latency.py [--requests 2000] [--clients 1 8 32]
+    python bench/serve_latency.py [--seconds 5] [--clients 1 8 32]
 
-Starts a real uvicorn server (app.main:app) on a free loopback port with a
-fresh data directory, trains an H=256 model on ../shared/corpora/shakespeare.txt
-through the API, then drives the server from this (separate) process with
-bounded concurrency and prints requests/s and p50/p99 latency for:
-/healthz (the no-op reference), /predict with uncached 200-character prefixes,
-and /predict typed one character at a time (each request extends the previous
-prefix) — first idle, then again while a training job runs. It also prints the
-in-process cost of a next-character distribution (no HTTP).
+Starts a real uvicorn server (app.main:app) on a free loopback port with a fresh
+data directory, trains an H=256 model on ../shared/corpora/shakespeare.txt through
+the API, and prints the in-process cost of a next-character distribution (no
+HTTP). Then it drives the server with wrk (a separate C process: `apt-get install
+wrk`) at each concurrency for a fixed time and prints requests/s and p50/p99
+latency of /healthz (the no-op reference), /predict with uncached 200-character
+prefixes, and /predict typed one character at a time (each request extends an
+earlier prefix by one character), first idle, then while a training job runs,
+with each /predict throughput as a fraction of /healthz's in the same phase.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import json
 import os
-import statistics
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 CORPUS = ROOT.parent / "shared" / "corpora" / "shakespeare.txt"
+LUA = Path(__file__).resolve().parent / "wrk_bodies.lua"
 PREFIX = 200
 
 
@@ -72,113 +75,154 @@ def train(url: str, text: str, hp: dict[str, Any], wait: bool) -> str:
     return job_id
 
 
-async def drive(
-    url: str, clients: int, requests: list[tuple[str, dict[str, Any] | None]]
-) -> tuple[float, list[float]]:
-    """Send the requests with at most `clients` in flight; (requests/s, latencies)."""
-    latencies: list[float] = []
-    queue = list(reversed(requests))
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-
-    async def client(c: httpx.AsyncClient) -> None:
-        while queue:
-            path, body = queue.pop()
-            t = time.perf_counter()
-            r = await (c.post(path, json=body) if body is not None else c.get(path))
-            latencies.append(time.perf_counter() - t)
-            if r.status_code != 200:
-                raise SystemExit(f"{path}: {r.status_code} {r.text[:200]}")
-
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as c:
-        start = time.perf_counter()
-        await asyncio.gather(*(client(c) for _ in range(clients)))
-        elapsed = time.perf_counter() - start
-    return len(requests) / elapsed, latencies
+@dataclass
+class Result:
+    requests: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
 
 
-def workloads(
-    text: str, n: int, rng: np.random.Generator
-) -> dict[str, Callable[[int], list[tuple[str, dict[str, Any] | None]]]]:
-    def healthz(clients: int) -> list[tuple[str, dict[str, Any] | None]]:
-        return [("/healthz", None)] * n
+def _ms(value: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", value)
+    if m is None:
+        raise ValueError(f"unexpected wrk latency {value!r}")
+    return float(m[1]) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[m[2]]
 
-    def uncached(clients: int) -> list[tuple[str, dict[str, Any] | None]]:
-        starts = rng.integers(0, len(text) - PREFIX, n)
-        return [("/predict", {"text": text[s : s + PREFIX], "top_k": 10}) for s in starts]
 
-    def typed(clients: int) -> list[tuple[str, dict[str, Any] | None]]:
-        # `clients` people typing: each request is the previous prefix plus one character.
-        out: list[tuple[str, dict[str, Any] | None]] = []
-        per = max(1, n // clients)
-        starts = rng.integers(0, len(text) - PREFIX - per, clients)
-        for k in range(per):
-            for s in starts:
-                out.append(("/predict", {"text": text[s : s + PREFIX + k], "top_k": 10}))
-        return out
+def run_wrk(url: str, clients: int, seconds: int, bodies: Path | None) -> Result:
+    threads = min(2, clients)
+    cmd = ["wrk", f"-t{threads}", f"-c{clients}", f"-d{seconds}s", "--latency", "--timeout", "30s"]
+    env = dict(os.environ)
+    if bodies is not None:
+        cmd += ["-s", str(LUA), f"{url}/predict", "--", str(threads)]
+        env["BODIES"] = str(bodies)
+    else:
+        cmd.append(f"{url}/healthz")
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
+    if "Non-2xx" in out or "Socket errors" in out:
+        raise SystemExit(f"wrk saw errors:\n{out}")
+    return Result(
+        requests=int(re.search(r"(\d+) requests in", out)[1]),  # type: ignore[index]
+        rps=float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1]),  # type: ignore[index]
+        p50_ms=_ms(re.search(r"^\s*50%\s+(\S+)", out, re.M)[1]),  # type: ignore[index]
+        p99_ms=_ms(re.search(r"^\s*99%\s+(\S+)", out, re.M)[1]),  # type: ignore[index]
+    )
 
-    return {"healthz": healthz, "predict uncached": uncached, "predict typed": typed}
+
+def write_bodies(
+    text: str, folder: Path, clients: int, n: int, rng: np.random.Generator
+) -> dict[str, Path]:
+    """One file of request bodies per /predict workload."""
+    folder.mkdir(exist_ok=True)
+    uncached, typed = folder / f"uncached-{clients}.txt", folder / f"typed-{clients}.txt"
+    starts = rng.integers(0, len(text) - PREFIX, n)
+    uncached.write_text(
+        "".join(json.dumps({"text": text[s : s + PREFIX], "top_k": 10}) + "\n" for s in starts)
+    )
+    # `clients` people typing: the k-th body of each is the previous one plus a character.
+    per = max(1, n // clients)
+    starts = rng.integers(0, len(text) - PREFIX - per, clients)
+    lines = [
+        json.dumps({"text": text[s : s + PREFIX + k], "top_k": 10}) + "\n"
+        for k in range(per)
+        for s in starts
+    ]
+    typed.write_text("".join(lines))
+    return {"predict uncached": uncached, "predict typed": typed}
 
 
 def in_process(text: str, model_path: Path) -> None:
+    import timeit
+
     from threadpoolctl import threadpool_limits
 
     from model.checkpoint import load_model
-    from model.inference import advance, initial_state, next_distribution
+    from model.inference import InferenceWeights, advance, initial_state, next_distribution
 
     ckpt = load_model(model_path)
-    p, v = ckpt.params, ckpt.vocab
-    ids = v.encode(text[:PREFIX])
+    w = InferenceWeights.of(ckpt.params)  # what the server holds per loaded model
+    ids = ckpt.vocab.encode(text[:PREFIX])
+    one = ids[:1]
     with threadpool_limits(1):
-        h0 = initial_state(p)
-        n = 300
-        t = time.perf_counter()
-        for _ in range(n):
-            next_distribution(p, advance(p, h0, ids))
-        full = (time.perf_counter() - t) / n
-        h = advance(p, h0, ids)
-        t = time.perf_counter()
-        for i in range(n):
-            next_distribution(p, advance(p, h, ids[i % PREFIX : i % PREFIX + 1]))
-        step = (time.perf_counter() - t) / n
+        h0 = initial_state(w)
+        h = advance(w, h0, ids)
+        full = (
+            min(
+                timeit.repeat(
+                    lambda: next_distribution(w, advance(w, h0, ids)), number=200, repeat=5
+                )
+            )
+            / 200
+        )
+        step = (
+            min(
+                timeit.repeat(
+                    lambda: next_distribution(w, advance(w, h, one)), number=5000, repeat=5
+                )
+            )
+            / 5000
+        )
     print(
-        f"in-process, H={p.n_a}: next-char distribution after a {PREFIX}-char prefix "
+        f"in-process, H={w.n_a}: next-char distribution after a {PREFIX}-char prefix "
         f"{full * 1e3:.3f} ms; one cached character more {step * 1e6:.1f} us"
     )
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--requests", type=int, default=2000)
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    ap.add_argument("--seconds", type=int, default=5, help="wrk run per cell")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--port", type=int, default=8731)
+    ap.add_argument("--train-steps", type=int, default=300)
     args = ap.parse_args()
+    if shutil.which("wrk") is None:
+        raise SystemExit("this benchmark drives the server with wrk: apt-get install wrk")
     text = CORPUS.read_text(encoding="utf-8")
     url = f"http://127.0.0.1:{args.port}"
-    with tempfile.TemporaryDirectory() as data_dir:
+    with tempfile.TemporaryDirectory() as data_dir, tempfile.TemporaryDirectory() as tmp:
         server = start_server(data_dir, args.port)
         try:
             print(
                 f"# {time.strftime('%Y-%m-%d')} {os.cpu_count()} cpus; training the H=256 model..."
             )
-            job = train(url, text, {"hidden_size": 256, "max_steps": 300}, wait=True)
+            job = train(url, text, {"hidden_size": 256, "max_steps": args.train_steps}, wait=True)
             model_id = httpx.get(f"{url}/jobs/{job}").json()["model_id"]
             in_process(text, Path(data_dir) / "models" / f"{model_id}.npz")
             rng = np.random.default_rng(0)
-            loads = workloads(text, args.requests, rng)
-            head = ("while", "endpoint", "clients", "req/s", "p50 ms", "p99 ms")
-            print("{:<8s} {:<17s} {:>7s} {:>8s} {:>7s} {:>7s}".format(*head))
+            # More bodies than a run can send, fresh for each phase: no body is repeated,
+            # so "uncached" is never served from the prefix cache.
+            bodies = {
+                (phase, c): write_bodies(text, Path(tmp) / phase, c, 40_000, rng)
+                for phase in ("idle", "training")
+                for c in args.clients
+            }
+            head = (
+                "while",
+                "endpoint",
+                "clients",
+                "requests",
+                "req/s",
+                "p50 ms",
+                "p99 ms",
+                "of healthz",
+            )
+            print("{:<8s} {:<17s} {:>7s} {:>8s} {:>8s} {:>7s} {:>7s} {:>10s}".format(*head))
             for phase in ("idle", "training"):
                 bg = None
                 if phase == "training":
                     bg = train(url, text, {"hidden_size": 256, "max_steps": 10**6}, wait=False)
                     time.sleep(3)  # let it get going
                 for clients in args.clients:
-                    for name, make in loads.items():
-                        rps, lat = asyncio.run(drive(url, clients, make(clients)))
-                        q = statistics.quantiles(lat, n=100)
+                    base = run_wrk(url, clients, args.seconds, None)
+                    rows = [("healthz", base)] + [
+                        (name, run_wrk(url, clients, args.seconds, path))
+                        for name, path in bodies[phase, clients].items()
+                    ]
+                    for name, r in rows:
                         print(
-                            f"{phase:<8s} {name:<17s} {clients:7d} {rps:8.0f} "
-                            f"{q[49] * 1e3:7.2f} {q[98] * 1e3:7.2f}",
+                            f"{phase:<8s} {name:<17s} {clients:7d} {r.requests:8d} {r.rps:8.0f} "
+                            f"{r.p50_ms:7.2f} {r.p99_ms:7.2f} {r.rps / base.rps:10.0%}",
                             flush=True,
                         )
                 if bg is not None:
