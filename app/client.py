@@ -1,0 +1,824 @@
+"""A typed client for the charnn HTTP API: :class:`Client` (blocking) and :class:`AsyncClient`.
+
+It imports httpx, httpx-sse, pydantic and the schema modules only (never the app, its
+routes or the store), so a command-line tool starts without building a server.
+(``app.schemas`` does still import numpy, for model/'s hyperparameter defaults.)
+Answers are the service's own response models, validated on arrival.
+
+Every failure is one exception, :class:`ApiError`, whose ``str()`` is one line:
+
+* a non-2xx answer carries the server's ``status``, ``code``, ``message`` and ``details``;
+* no answer at all has ``status`` 0 and ``code`` ``unreachable``, ``timeout`` or
+  ``transport_error`` (connection refused, the server too slow, the connection lost);
+* a 2xx answer that is not what charnn sends has ``code`` ``bad_response``;
+* :meth:`Job.wait` raises :class:`JobFailed` (``status`` 0, ``code`` ``job_failed`` or
+  ``job_cancelled``) when the job does not succeed, so a finished ``wait`` means a model.
+
+Both clients build each request with the same helpers (``_Call``) and read each answer
+with the same parsers; only sending differs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import time
+import urllib.parse
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Callable,
+    Generator,
+    Iterator,
+    Sequence,
+)
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Generic, Literal, Self, TypeVar
+
+import httpx
+from httpx_sse import EventSource, ServerSentEvent, SSEError
+from pydantic import BaseModel
+
+from .model_schemas import GenerateOut, ModelList, ModelOut, PredictOut, ScoreOut
+from .schemas import JobList, JobOut, JobStatus, MetricsOut
+
+__all__ = [
+    "DEFAULT_URL",
+    "ApiError",
+    "AsyncClient",
+    "AsyncJob",
+    "Client",
+    "Health",
+    "Job",
+    "JobEvent",
+    "JobFailed",
+]
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+TERMINAL: tuple[JobStatus, ...] = ("succeeded", "failed", "cancelled")
+# The job event stream sends a keep-alive every 15 s, so a longer silence means trouble.
+_EVENTS_READ_TIMEOUT = 60.0
+_RECONNECT_DELAY_S = 0.5
+
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
+Unknown = Literal["error", "skip"]
+
+
+class ApiError(Exception):
+    """A request that did not give what was asked; ``status`` is 0 when there was no answer."""
+
+    def __init__(self, status: int, code: str, message: str, details: Any = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details
+
+    def __str__(self) -> str:
+        where = f"HTTP {self.status} {self.code}" if self.status else self.code
+        return " ".join(f"{self.message} ({where})".split())  # one line, whatever the message
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.status}, {self.code!r}, {self.message!r})"
+
+
+class JobFailed(ApiError):
+    """``wait`` on a job that ended ``failed`` or ``cancelled``; ``job`` is its final record."""
+
+    def __init__(self, job: JobOut) -> None:
+        code = "job_cancelled" if job.status == "cancelled" else "job_failed"
+        super().__init__(0, code, job.error or f"job {job.id} was {job.status}")
+        self.job = job
+
+
+class Health(BaseModel):
+    """``GET /healthz`` (``ok``) or ``GET /readyz`` (``ready``)."""
+
+    status: str
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """One Server-Sent Event of ``GET /jobs/{id}/events``.
+
+    ``event`` is ``progress`` (while queued or running) or ``status`` (last, the final job).
+    ``data`` is the event's JSON as sent: a progress event has ``step``, ``train_loss``,
+    ``val_loss``, ``chars_per_sec``, ``total_steps``...; the first one of a stream is a
+    snapshot instead, ``{"step", "job"}``. ``job`` is the full record where one was sent.
+    """
+
+    event: str
+    data: dict[str, Any]
+    job: JobOut | None = None
+
+    @property
+    def step(self) -> int | None:
+        if isinstance(self.data.get("step"), int):
+            return int(self.data["step"])
+        return self.job.progress.step if self.job else None
+
+    @property
+    def total_steps(self) -> int | None:
+        if self.job is not None:
+            return self.job.progress.total_steps
+        total = self.data.get("total_steps")
+        return total if isinstance(total, int) else None
+
+
+# --- requests and answers, shared by both clients ---------------------------------------
+
+
+@dataclass(frozen=True)
+class _Call(Generic[T]):
+    """One request and how to read its (2xx) answer."""
+
+    method: str
+    path: str
+    parse: Callable[[httpx.Response], T]
+    json: Any = None
+    params: dict[str, Any] | None = None
+    content: bytes | None = None
+    headers: dict[str, str] | None = None
+
+    def kwargs(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key in ("json", "params", "content", "headers"):
+            if (value := getattr(self, key)) is not None:
+                out[key] = value
+        return out
+
+
+def _as(model: type[M]) -> Callable[[httpx.Response], M]:
+    def parse(r: httpx.Response) -> M:
+        return model.model_validate(r.json())
+
+    return parse
+
+
+def _nothing(_: httpx.Response) -> None:
+    return None
+
+
+def _content(r: httpx.Response) -> bytes:
+    return r.content
+
+
+def _seg(value: str) -> str:
+    """An id as one path segment: ``/`` or ``..`` in it must not walk to another route."""
+    return urllib.parse.quote(value, safe="")
+
+
+def _given(**fields: Any) -> dict[str, Any]:
+    """The fields that were given; omitted ones take the server's defaults."""
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def _health(ready: bool) -> _Call[Health]:
+    return _Call("GET", "/readyz" if ready else "/healthz", _as(Health))
+
+
+def _train(
+    corpus: str,
+    name: str | None,
+    seed: int | None,
+    init_from: str | None,
+    hyperparameters: dict[str, Any],
+) -> _Call[JobOut]:
+    body = _given(corpus=corpus, name=name, seed=seed, init_from=init_from)
+    if hyperparameters:  # sent as given: an explicit None (e.g. max_steps) means something
+        body["hyperparameters"] = hyperparameters
+    return _Call("POST", "/jobs", _as(JobOut), json=body)
+
+
+def _jobs(status: JobStatus | None, limit: int, offset: int) -> _Call[JobList]:
+    params = _given(status=status, limit=limit, offset=offset)
+    return _Call("GET", "/jobs", _as(JobList), params=params)
+
+
+def _job(job_id: str) -> _Call[JobOut]:
+    return _Call("GET", f"/jobs/{_seg(job_id)}", _as(JobOut))
+
+
+def _metrics(job_id: str, after_step: int) -> _Call[MetricsOut]:
+    params = {"after_step": after_step}
+    return _Call("GET", f"/jobs/{_seg(job_id)}/metrics", _as(MetricsOut), params=params)
+
+
+def _cancel(job_id: str) -> _Call[JobOut]:
+    return _Call("POST", f"/jobs/{_seg(job_id)}/cancel", _as(JobOut))
+
+
+def _events(job_id: str) -> _Call[None]:
+    return _Call("GET", f"/jobs/{_seg(job_id)}/events", _nothing)
+
+
+def _predict(
+    text: str, model: str | None, top_k: int | None, temperature: float, unknown: Unknown
+) -> _Call[PredictOut]:
+    body = _given(model=model, text=text, top_k=top_k, temperature=temperature, unknown=unknown)
+    return _Call("POST", "/predict", _as(PredictOut), json=body)
+
+
+def _generate(
+    prompt: str,
+    model: str | None,
+    max_chars: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    seed: int | None,
+    stop: Sequence[str],
+    stream: bool,
+) -> _Call[GenerateOut]:
+    if isinstance(stop, str):  # a lone string would be sent as a list of its characters
+        stop = [stop]
+    body = _given(
+        model=model,
+        prompt=prompt,
+        max_chars=max_chars,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        stop=list(stop),
+        stream=stream,
+    )
+    return _Call("POST", "/generate", _as(GenerateOut), json=body)
+
+
+def _score(text: str, model: str | None) -> _Call[ScoreOut]:
+    return _Call("POST", "/score", _as(ScoreOut), json=_given(model=model, text=text))
+
+
+def _models(limit: int, offset: int) -> _Call[ModelList]:
+    return _Call("GET", "/models", _as(ModelList), params={"limit": limit, "offset": offset})
+
+
+def _model(model_id: str) -> _Call[ModelOut]:
+    return _Call("GET", f"/models/{_seg(model_id)}", _as(ModelOut))
+
+
+def _delete_model(model_id: str) -> _Call[None]:
+    return _Call("DELETE", f"/models/{_seg(model_id)}", _nothing)
+
+
+def _download(model_id: str) -> _Call[bytes]:
+    return _Call("GET", f"/models/{_seg(model_id)}/checkpoint", _content)
+
+
+def _upload(data_or_path: bytes | str | os.PathLike[str], name: str | None) -> _Call[ModelOut]:
+    if isinstance(data_or_path, bytes):
+        data = data_or_path
+    else:
+        data = Path(data_or_path).read_bytes()
+    return _Call(
+        "POST",
+        "/models",
+        _as(ModelOut),
+        content=data,
+        params=_given(name=name),
+        headers={"Content-Type": "application/octet-stream"},
+    )
+
+
+def _http_error(r: httpx.Response) -> ApiError:
+    """The server's ``{"error": {code, message, details}}``, or a stand-in for a proxy's page."""
+    try:
+        err = r.json()["error"]
+        return ApiError(r.status_code, str(err["code"]), str(err["message"]), err.get("details"))
+    except (ValueError, KeyError, TypeError):
+        message = r.reason_phrase or "error"
+        text = " ".join(r.text.split())[:200]
+        if text and not text.startswith("<"):  # an HTML error page says nothing useful here
+            message += f": {text}"
+        return ApiError(r.status_code, f"http_{r.status_code}", message)
+
+
+def _reason(e: Exception) -> str:
+    text = re.sub(r"^\[Errno -?\d+\]\s*", "", str(e)).strip() or type(e).__name__
+    return text[:1].lower() + text[1:]
+
+
+def _transport_error(url: str, timeout: float, e: httpx.TransportError) -> ApiError:
+    if isinstance(e, httpx.TimeoutException):
+        return ApiError(0, "timeout", f"{url} did not answer in time (timeout {timeout:g} s)")
+    if isinstance(e, httpx.ConnectError):
+        return ApiError(0, "unreachable", f"cannot reach {url}: {_reason(e)}")
+    if isinstance(e, SSEError):
+        return ApiError(0, "bad_response", f"{url} did not send an event stream: {_reason(e)}")
+    return ApiError(0, "transport_error", f"lost the connection to {url}: {_reason(e)}")
+
+
+def _bad_response(r: httpx.Response, e: Exception) -> ApiError:
+    where = f"{r.request.method} {r.request.url.path}"
+    return ApiError(
+        r.status_code, "bad_response", f"{where}: not a charnn answer ({_reason(e)[:200]})"
+    )
+
+
+def _job_event(sse: ServerSentEvent) -> JobEvent:
+    data = sse.json()
+    if not isinstance(data, dict):
+        raise ValueError(f"{sse.event} event data is not an object")
+    raw = data if sse.event == "status" else data.get("job")
+    job = JobOut.model_validate(raw) if raw is not None else None
+    return JobEvent(sse.event, data, job)
+
+
+def _chunk(sse: ServerSentEvent) -> tuple[str | None, bool]:
+    """A ``/generate`` stream event: its text (``chunk``), and whether it was ``done``."""
+    if sse.event == "chunk":
+        return str(sse.json()["text"]), False
+    if sse.event == "done":
+        GenerateOut.model_validate(sse.json())
+        return None, True
+    return None, False
+
+
+_INCOMPLETE = "the generate stream ended before its 'done' event"
+
+
+def _decoding(
+    r: httpx.Response, decode: Callable[[ServerSentEvent], T]
+) -> Callable[[ServerSentEvent], T]:
+    """``decode``, with a malformed event becoming ApiError ``bad_response``."""
+
+    def run(sse: ServerSentEvent) -> T:
+        try:
+            return decode(sse)
+        except (ValueError, KeyError, TypeError) as e:
+            raise _bad_response(r, e) from e
+
+    return run
+
+
+def _past(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline
+
+
+def _wait_timeout(job_id: str, timeout: float | None) -> ApiError:
+    return ApiError(0, "timeout", f"job {job_id} did not finish within {timeout:g} s")
+
+
+def _settled(job: JobOut) -> JobOut:
+    if job.status != "succeeded":
+        raise JobFailed(job)
+    return job
+
+
+class _Base:
+    """What both clients hold: where the server is, how to authenticate, how long to wait."""
+
+    def __init__(self, url: str, api_key: str | None, timeout: float) -> None:
+        if not re.match(r"https?://[^/]", url):
+            raise ApiError(0, "bad_url", f"{url!r} is not an http:// or https:// URL")
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self.headers = {"User-Agent": "charnn-client"}
+        if api_key:  # sent on every request; the server checks it on POST and DELETE
+            self.headers["Authorization"] = f"Bearer {api_key}"
+
+    def _events_timeout(self, read: float = _EVENTS_READ_TIMEOUT) -> httpx.Timeout:
+        return httpx.Timeout(self.timeout, read=read)
+
+    @contextlib.contextmanager
+    def _translated(self) -> Iterator[None]:
+        try:
+            yield
+        except httpx.TransportError as e:
+            raise _transport_error(self.url, self.timeout, e) from e
+
+    @staticmethod
+    def _parsed(call: _Call[T], r: httpx.Response) -> T:
+        if not r.is_success:
+            raise _http_error(r)
+        try:
+            return call.parse(r)
+        except ValueError as e:  # bad JSON, or JSON of another shape (pydantic's is a ValueError)
+            raise _bad_response(r, e) from e
+
+
+# --- blocking ---------------------------------------------------------------------------
+
+
+class Client(_Base):
+    """The charnn API over blocking HTTP; use as a context manager, or ``close()`` it."""
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        api_key: str | None = None,
+        timeout: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        super().__init__(url, api_key, timeout)
+        self._http = httpx.Client(
+            base_url=self.url, headers=self.headers, timeout=timeout, transport=transport
+        )
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _run(self, call: _Call[T]) -> T:
+        with self._translated():
+            r = self._http.request(call.method, call.path, **call.kwargs())
+        return self._parsed(call, r)
+
+    def _stream(
+        self,
+        call: _Call[Any],
+        decode: Callable[[ServerSentEvent], T],
+        timeout: httpx.Timeout | None = None,
+    ) -> Generator[T, None, None]:
+        """The stream's events, decoded; an error answer raises before the first."""
+        extra: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
+        with (
+            self._translated(),
+            self._http.stream(call.method, call.path, **call.kwargs(), **extra) as r,
+        ):
+            if not r.is_success:
+                r.read()
+                raise _http_error(r)
+            yield from map(_decoding(r, decode), EventSource(r).iter_sse())
+
+    def health(self, *, ready: bool = False) -> Health:
+        """Alive (``/healthz``), or with ``ready`` also able to take jobs (``/readyz``)."""
+        return self._run(_health(ready))
+
+    def train(
+        self,
+        corpus: str,
+        *,
+        name: str | None = None,
+        seed: int | None = None,
+        init_from: str | None = None,
+        **hyperparameters: Any,
+    ) -> Job:
+        """Submit a training job; hyperparameters are ``Hyperparameters`` fields."""
+        record = self._run(_train(corpus, name, seed, init_from, hyperparameters))
+        return Job(self, record.id, record)
+
+    def job(self, job_id: str) -> Job:
+        """A handle on an existing job (no request: a wrong id fails on first use, 404)."""
+        return Job(self, job_id)
+
+    def jobs(self, *, status: JobStatus | None = None, limit: int = 50, offset: int = 0) -> JobList:
+        return self._run(_jobs(status, limit, offset))
+
+    def predict(
+        self,
+        text: str = "",
+        *,
+        model: str | None = None,
+        top_k: int | None = None,
+        temperature: float = 1.0,
+        unknown: Unknown = "error",
+    ) -> PredictOut:
+        """Next-character probabilities, most likely first; ``model`` None means the newest."""
+        return self._run(_predict(text, model, top_k, temperature, unknown))
+
+    def generate(
+        self,
+        prompt: str = "",
+        *,
+        model: str | None = None,
+        max_chars: int = 200,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+    ) -> GenerateOut:
+        """Sampled text after ``prompt`` (the prompt itself is not repeated)."""
+        call = _generate(prompt, model, max_chars, temperature, top_k, top_p, seed, stop, False)
+        return self._run(call)
+
+    def stream_generate(
+        self,
+        prompt: str = "",
+        *,
+        model: str | None = None,
+        max_chars: int = 200,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+    ) -> Iterator[str]:
+        """``generate`` as it is sampled: text pieces that join to the same text."""
+        call = _generate(prompt, model, max_chars, temperature, top_k, top_p, seed, stop, True)
+        done = False
+        for text, done in self._stream(call, _chunk):
+            if text:
+                yield text
+            if done:
+                return
+        raise ApiError(0, "transport_error", _INCOMPLETE)
+
+    def score(self, text: str, *, model: str | None = None) -> ScoreOut:
+        """The log-probability of each character of ``text``."""
+        return self._run(_score(text, model))
+
+    def models(self, *, limit: int = 50, offset: int = 0) -> ModelList:
+        return self._run(_models(limit, offset))
+
+    def model(self, model_id: str) -> ModelOut:
+        return self._run(_model(model_id))
+
+    def delete_model(self, model_id: str) -> None:
+        self._run(_delete_model(model_id))
+
+    def download(self, model_id: str, path: str | os.PathLike[str] | None = None) -> bytes:
+        """The model's ``.npz`` checkpoint; also written to ``path`` when one is given."""
+        data = self._run(_download(model_id))
+        if path is not None:
+            Path(path).write_bytes(data)
+        return data
+
+    def upload(
+        self, data_or_path: bytes | str | os.PathLike[str], *, name: str | None = None
+    ) -> ModelOut:
+        """Add a ``.npz`` checkpoint (bytes, or a file path); ``name`` overrides its own."""
+        return self._run(_upload(data_or_path, name))
+
+
+class Job:
+    """A training job on a :class:`Client`; ``last`` is its record as last seen."""
+
+    def __init__(self, client: Client, job_id: str, last: JobOut | None = None) -> None:
+        self.client = client
+        self.id = job_id
+        self.last = last
+
+    def __repr__(self) -> str:
+        return f"Job({self.id!r})"
+
+    def refresh(self) -> JobOut:
+        self.last = self.client._run(_job(self.id))
+        return self.last
+
+    def metrics(self, *, after_step: int = -1) -> MetricsOut:
+        """The loss curve, optionally only after a step."""
+        return self.client._run(_metrics(self.id, after_step))
+
+    def cancel(self) -> JobOut:
+        """Stop the job; the answer comes once it is cancelled. 409 if already finished."""
+        self.last = self.client._run(_cancel(self.id))
+        return self.last
+
+    def events(self) -> Iterator[JobEvent]:
+        """The job's events until its final ``status`` (at once if it has already finished)."""
+        return self._events(_EVENTS_READ_TIMEOUT)
+
+    def _events(self, read_timeout: float) -> Generator[JobEvent, None, None]:
+        timeout = self.client._events_timeout(read_timeout)
+        return self.client._stream(_events(self.id), _job_event, timeout)
+
+    def wait(
+        self, progress: Callable[[JobEvent], None] | None = None, timeout: float | None = None
+    ) -> JobOut:
+        """Follow the events until the job ends; ``progress`` sees each progress event.
+
+        Returns the succeeded job; raises :class:`JobFailed` if it failed or was cancelled,
+        and ApiError ``timeout`` if it is still going after ``timeout`` seconds.
+        If the stream ends early (the server restarting), it asks again and follows on.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            read = _EVENTS_READ_TIMEOUT
+            if deadline is not None:
+                read = max(0.01, min(read, deadline - time.monotonic()))
+            try:
+                with contextlib.closing(self._events(read)) as events:
+                    for event in events:
+                        if event.event == "status" and event.job is not None:
+                            self.last = event.job
+                            return _settled(event.job)
+                        if event.event == "progress" and progress is not None:
+                            progress(event)
+                        if _past(deadline):
+                            break
+            except ApiError as e:
+                if e.code != "timeout" or not _past(deadline):
+                    raise
+            if _past(deadline):
+                raise _wait_timeout(self.id, timeout)
+            # The stream ended before the final status (the server restarting?): ask, follow on.
+            if (job := self.refresh()).status in TERMINAL:
+                return _settled(job)
+            time.sleep(_RECONNECT_DELAY_S)
+
+
+# --- asyncio ----------------------------------------------------------------------------
+
+
+class AsyncClient(_Base):
+    """:class:`Client` for asyncio: the same methods, awaited; ``async with`` or ``aclose()``."""
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        api_key: str | None = None,
+        timeout: float = 30.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        super().__init__(url, api_key, timeout)
+        self._http = httpx.AsyncClient(
+            base_url=self.url, headers=self.headers, timeout=timeout, transport=transport
+        )
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _run(self, call: _Call[T]) -> T:
+        with self._translated():
+            r = await self._http.request(call.method, call.path, **call.kwargs())
+        return self._parsed(call, r)
+
+    async def _stream(
+        self,
+        call: _Call[Any],
+        decode: Callable[[ServerSentEvent], T],
+        timeout: httpx.Timeout | None = None,
+    ) -> AsyncGenerator[T, None]:
+        extra: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
+        with self._translated():
+            async with self._http.stream(call.method, call.path, **call.kwargs(), **extra) as r:
+                if not r.is_success:
+                    await r.aread()
+                    raise _http_error(r)
+                run = _decoding(r, decode)
+                events = EventSource(r).aiter_sse()
+                async with contextlib.aclosing(events):
+                    async for sse in events:
+                        yield run(sse)
+
+    async def health(self, *, ready: bool = False) -> Health:
+        return await self._run(_health(ready))
+
+    async def train(
+        self,
+        corpus: str,
+        *,
+        name: str | None = None,
+        seed: int | None = None,
+        init_from: str | None = None,
+        **hyperparameters: Any,
+    ) -> AsyncJob:
+        record = await self._run(_train(corpus, name, seed, init_from, hyperparameters))
+        return AsyncJob(self, record.id, record)
+
+    def job(self, job_id: str) -> AsyncJob:
+        return AsyncJob(self, job_id)
+
+    async def jobs(
+        self, *, status: JobStatus | None = None, limit: int = 50, offset: int = 0
+    ) -> JobList:
+        return await self._run(_jobs(status, limit, offset))
+
+    async def predict(
+        self,
+        text: str = "",
+        *,
+        model: str | None = None,
+        top_k: int | None = None,
+        temperature: float = 1.0,
+        unknown: Unknown = "error",
+    ) -> PredictOut:
+        return await self._run(_predict(text, model, top_k, temperature, unknown))
+
+    async def generate(
+        self,
+        prompt: str = "",
+        *,
+        model: str | None = None,
+        max_chars: int = 200,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+    ) -> GenerateOut:
+        call = _generate(prompt, model, max_chars, temperature, top_k, top_p, seed, stop, False)
+        return await self._run(call)
+
+    async def stream_generate(
+        self,
+        prompt: str = "",
+        *,
+        model: str | None = None,
+        max_chars: int = 200,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+    ) -> AsyncIterator[str]:
+        call = _generate(prompt, model, max_chars, temperature, top_k, top_p, seed, stop, True)
+        events = self._stream(call, _chunk)
+        async with contextlib.aclosing(events):
+            async for text, done in events:
+                if text:
+                    yield text
+                if done:
+                    return
+        raise ApiError(0, "transport_error", _INCOMPLETE)
+
+    async def score(self, text: str, *, model: str | None = None) -> ScoreOut:
+        return await self._run(_score(text, model))
+
+    async def models(self, *, limit: int = 50, offset: int = 0) -> ModelList:
+        return await self._run(_models(limit, offset))
+
+    async def model(self, model_id: str) -> ModelOut:
+        return await self._run(_model(model_id))
+
+    async def delete_model(self, model_id: str) -> None:
+        await self._run(_delete_model(model_id))
+
+    async def download(self, model_id: str, path: str | os.PathLike[str] | None = None) -> bytes:
+        data = await self._run(_download(model_id))
+        if path is not None:
+            Path(path).write_bytes(data)
+        return data
+
+    async def upload(
+        self, data_or_path: bytes | str | os.PathLike[str], *, name: str | None = None
+    ) -> ModelOut:
+        return await self._run(_upload(data_or_path, name))
+
+
+class AsyncJob:
+    """:class:`Job` for an :class:`AsyncClient`."""
+
+    def __init__(self, client: AsyncClient, job_id: str, last: JobOut | None = None) -> None:
+        self.client = client
+        self.id = job_id
+        self.last = last
+
+    def __repr__(self) -> str:
+        return f"AsyncJob({self.id!r})"
+
+    async def refresh(self) -> JobOut:
+        self.last = await self.client._run(_job(self.id))
+        return self.last
+
+    async def metrics(self, *, after_step: int = -1) -> MetricsOut:
+        return await self.client._run(_metrics(self.id, after_step))
+
+    async def cancel(self) -> JobOut:
+        self.last = await self.client._run(_cancel(self.id))
+        return self.last
+
+    def events(self) -> AsyncIterator[JobEvent]:
+        return self._events()
+
+    def _events(self) -> AsyncGenerator[JobEvent, None]:
+        timeout = self.client._events_timeout()
+        return self.client._stream(_events(self.id), _job_event, timeout)
+
+    async def wait(
+        self, progress: Callable[[JobEvent], None] | None = None, timeout: float | None = None
+    ) -> JobOut:
+        """As :meth:`Job.wait`; ``progress`` is a plain (not async) callable."""
+        limit = asyncio.timeout(timeout)
+        try:
+            async with limit:
+                while True:
+                    async with contextlib.aclosing(self._events()) as events:
+                        async for event in events:
+                            if event.event == "status" and event.job is not None:
+                                self.last = event.job
+                                return _settled(event.job)
+                            if event.event == "progress" and progress is not None:
+                                progress(event)
+                    if (job := await self.refresh()).status in TERMINAL:
+                        return _settled(job)
+                    await asyncio.sleep(_RECONNECT_DELAY_S)
+        except TimeoutError:
+            if not limit.expired():  # not ours (e.g. from ``progress``)
+                raise
+            raise _wait_timeout(self.id, timeout) from None
