@@ -1,0 +1,577 @@
+"""The ``charnn`` command line: serve, train and use models locally, or drive a server.
+
+    charnn serve [--host --port --data-dir --reload]
+    charnn train CORPUS.txt --out model.npz [--hidden-size ... --max-steps ...]
+    charnn sample|predict|score model.npz ...
+    charnn remote train|jobs|predict|generate|score|models|download|upload ... [--url URL]
+
+Every failure a user can cause (a missing file, a bad flag value, an unreachable
+or refusing server) ends as one ``charnn: error: ...`` line and exit status 1
+(2 for command-line usage errors, as argparse does), never a traceback.
+Imports are deferred to the command that needs them, so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import fields
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from model.train import TrainConfig
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+# The hyperparameter flags, shared by `train` and `remote train`: (field, type, help).
+# They are the ones the HTTP API accepts (app/schemas.py: Hyperparameters).
+HYPERPARAMETERS: list[tuple[str, Callable[[str], Any], str]] = [
+    ("hidden_size", int, "hidden units n_a"),
+    ("seq_length", int, "characters per truncated-BPTT chunk (T)"),
+    ("batch_size", int, "parallel streams (B)"),
+    ("learning_rate", float, "peak step size (cosine decay to 1%%)"),
+    ("optimizer", str, "sgd, adagrad or adam"),
+    ("grad_clip", float, "max global gradient norm; 0 = no clipping"),
+    ("max_steps", int, "stop after this many steps"),
+    ("time_limit_s", float, "stop after this many seconds of training"),
+    ("val_fraction", float, "tail of the corpus held out for validation"),
+    ("eval_every", int, "steps between validation losses"),
+    ("dtype", str, "float32 or float64"),
+]
+_DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
+
+
+class CliError(Exception):
+    """A problem to report as one line, not a traceback."""
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _flag(name: str) -> str:
+    return "--time-limit" if name == "time_limit_s" else "--" + name.replace("_", "-")
+
+
+def _add_hyperparameters(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("hyperparameters (omitted: the measured defaults)")
+    for name, kind, text in HYPERPARAMETERS:
+        g.add_argument(
+            _flag(name),
+            dest=name,
+            type=kind,
+            default=None,
+            metavar=name.split("_")[0].upper() if kind is not str else None,
+            help=f"{text} (default {_DEFAULTS[name]})",
+        )
+    g.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+
+
+def _hyperparameters(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        name: getattr(args, name)
+        for name, _, _ in HYPERPARAMETERS
+        if getattr(args, name) is not None
+    }
+
+
+def _read_text(path: str) -> str:
+    """A UTF-8 file, or standard input for '-'."""
+    try:
+        if path == "-":
+            return sys.stdin.read()
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise CliError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise CliError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def _show(ch: str) -> str:
+    """A character as it should appear in a table: whitespace made visible."""
+    return {" ": "␠", "\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(
+        ch, ch if ch.isprintable() else repr(ch)
+    )
+
+
+def _print_distribution(nxt: Sequence[tuple[str, float]], entropy: float) -> None:
+    for ch, p in nxt:
+        bar = "█" * round(p * 40)
+        print(f"{_show(ch):>4s}  {p:7.4f}  {bar}")
+    print(f"entropy {entropy:.3f} bits")
+
+
+def _progress_bar(total: int | None, desc: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+
+def _postfix(train_loss: float | None, val_loss: float | None, cps: float | None) -> str:
+    parts = []
+    if train_loss is not None:
+        parts.append(f"loss {train_loss:.3f}")
+    if val_loss is not None:
+        parts.append(f"val {val_loss:.3f}")
+    if cps:
+        parts.append(f"{cps / 1000:.0f}k chars/s")
+    return ", ".join(parts)
+
+
+# --------------------------------------------------------------------------- local commands
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+    from pydantic import ValidationError
+
+    from .settings import Settings
+
+    if args.data_dir is not None:
+        os.environ["CHARNN_DATA_DIR"] = str(args.data_dir)
+    try:
+        settings = Settings()
+    except ValidationError as e:
+        problems = "; ".join(
+            f"CHARNN_{'_'.join(map(str, err['loc'])).upper()}: {err['msg']}" for err in e.errors()
+        )
+        raise CliError(f"bad settings: {problems}") from None
+    host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    print(
+        f"charnn: serving on http://{args.host}:{args.port} (data in {settings.data_dir}); "
+        f"open http://{host}:{args.port}/ in a browser",
+        file=sys.stderr,
+        flush=True,
+    )
+
+    def stopped(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(0)
+
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal under
+    # the handlers it found: with these, a requested stop exits 0 (what process
+    # managers and `docker stop` call clean), not 143 or a KeyboardInterrupt.
+    signal.signal(signal.SIGTERM, stopped)
+    signal.signal(signal.SIGINT, stopped)
+    uvicorn.run(
+        "app.main:app", host=args.host, port=args.port, reload=args.reload, log_level=args.log_level
+    )
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from model.checkpoint import from_result, save_model
+    from model.params import flat_size
+    from model.train import Trainer
+
+    text = _read_text(args.corpus)
+    overrides = _hyperparameters(args)
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    config = TrainConfig.from_dict(overrides)  # ConfigError -> one line
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise CliError(f"cannot write {out}: {out.parent} is not a directory")
+    trainer = Trainer(text, config)
+    stop = False
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        nonlocal stop
+        stop = True  # finish the step, then save the best model so far
+
+    previous = signal.signal(signal.SIGINT, interrupt)
+    bar = _progress_bar(config.max_steps, "training") if not args.quiet else None
+    val: float | None = None
+    try:
+        for event in trainer.run(lambda: stop):
+            val = event.val_loss if event.val_loss is not None else val
+            if bar is not None:
+                bar.update(event.step - bar.n)
+                bar.set_postfix_str(_postfix(event.train_loss, val, event.chars_per_sec))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if bar is not None:
+            bar.close()
+    result = trainer.result()
+    save_model(out, from_result(result, extra={"name": out.stem}))
+    m = result.metrics
+    n_params = flat_size(result.params.n_a, result.params.n_x)
+    why = trainer.state.stop_reason
+    print(
+        f"{'interrupted' if why == 'stopped' else 'done'} after {m['steps']} steps "
+        f"({trainer.state.elapsed_s:.1f} s): train loss {m['train_loss']:.4f}, "
+        f"best val loss {_fmt(m.get('val_loss'))} (step {m['best_step']}) nats/char; "
+        f"{n_params:,} parameters, {len(result.vocab)} characters -> {out}"
+    )
+    return 0
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+def _load(path: str) -> Any:
+    from model.checkpoint import load_model
+
+    try:
+        return load_model(path)
+    except OSError as e:
+        raise CliError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from model.inference import iter_sample
+
+    ckpt = _load(args.model)
+    stream = iter_sample(
+        ckpt.params,
+        ckpt.vocab,
+        args.prompt,
+        max_chars=args.length,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=args.stop or (),
+    )
+    sys.stdout.write(args.prompt)
+    for ch in stream:
+        sys.stdout.write(ch)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from model.inference import advance, entropy_bits, initial_state, next_distribution
+
+    ckpt = _load(args.model)
+    p, vocab = ckpt.params, ckpt.vocab
+    probs = next_distribution(
+        p, advance(p, initial_state(p), vocab.encode(args.text)), args.temperature
+    )
+    order = sorted(range(len(probs)), key=lambda i: -probs[i])[: args.top_k]
+    nxt = [(vocab.chars[i], float(probs[i])) for i in order]
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "text": args.text,
+                    "next": [{"char": c, "prob": q} for c, q in nxt],
+                    "entropy_bits": entropy_bits(probs),
+                }
+            )
+        )
+    else:
+        _print_distribution(nxt, entropy_bits(probs))
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from model.inference import score, score_summary
+
+    ckpt = _load(args.model)
+    text = _read_text(args.file)
+    s = score_summary(score(ckpt.params, ckpt.vocab.encode(text)))
+    print(
+        f"{s.chars} characters: {s.mean_nats:.4f} nats/char, {s.bits_per_char:.4f} bits/char, "
+        f"perplexity {s.perplexity:.3f}"
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------- remote commands
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from .client import Client
+
+    return Client(args.url, api_key=args.api_key)
+
+
+def cmd_remote_train(args: argparse.Namespace) -> int:
+    from .client import JobEvent
+
+    text = _read_text(args.corpus)
+    name = args.name or (Path(args.corpus).stem if args.corpus != "-" else None)
+    with _client(args) as client:
+        job = client.train(text, name=name, seed=args.seed, **_hyperparameters(args))
+        print(f"job {job.id} queued", file=sys.stderr)
+        if not args.wait:
+            print(job.id)
+            return 0
+        total = _hyperparameters(args).get("max_steps", _DEFAULTS["max_steps"])
+        bar = _progress_bar(total, "training") if not args.quiet else None
+        val: float | None = None
+
+        def progress(event: JobEvent) -> None:
+            nonlocal val
+            if bar is None or event.step is None:
+                return
+            if event.total_steps is not None and bar.total != event.total_steps:
+                bar.total = event.total_steps  # the server's word (e.g. a resumed job)
+            data = event.data
+            val = data.get("val_loss") or val
+            bar.update(event.step - bar.n)
+            bar.set_postfix_str(_postfix(data.get("train_loss"), val, data.get("chars_per_sec")))
+
+        try:
+            done = job.wait(progress=progress)
+        finally:
+            if bar is not None:
+                bar.close()
+        print(f"job {done.id} succeeded: model {done.model_id}", file=sys.stderr)
+        print(done.model_id)
+    return 0
+
+
+def cmd_remote_predict(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        out = client.predict(
+            args.text, model=args.model, top_k=args.top_k, temperature=args.temperature
+        )
+    if args.json:
+        print(out.model_dump_json())
+    else:
+        _print_distribution([(n.char, n.prob) for n in out.next], out.entropy_bits)
+    return 0
+
+
+def cmd_remote_generate(args: argparse.Namespace) -> int:
+    kwargs = {
+        "model": args.model,
+        "max_chars": args.length,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "seed": args.seed,
+        "stop": args.stop or (),
+    }
+    with _client(args) as client:
+        sys.stdout.write(args.prompt)
+        for piece in client.stream_generate(args.prompt, **kwargs):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_remote_score(args: argparse.Namespace) -> int:
+    text = _read_text(args.file)
+    with _client(args) as client:
+        s = client.score(text, model=args.model)
+    print(
+        f"{s.chars} characters: {s.mean_nats:.4f} nats/char, {s.bits_per_char:.4f} bits/char, "
+        f"perplexity {s.perplexity:.3f} (model {s.model})"
+    )
+    return 0
+
+
+def cmd_remote_models(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        page = client.models(limit=args.limit)
+    if args.json:
+        print(page.model_dump_json())
+        return 0
+    print(f"{'id':32s}  {'name':20s} {'hidden':>6s} {'val loss':>8s}  created")
+    from datetime import datetime
+
+    for m in page.items:
+        created = datetime.fromtimestamp(m.created_at).strftime("%Y-%m-%d %H:%M")
+        print(f"{m.id:32s}  {m.name[:20]:20s} {m.hidden_size:6d} {_fmt(m.val_loss):>8s}  {created}")
+    print(f"({len(page.items)} of {page.total})")
+    return 0
+
+
+def cmd_remote_jobs(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        page = client.jobs(limit=args.limit)
+    if args.json:
+        print(page.model_dump_json())
+        return 0
+    for j in page.items:
+        print(f"{j.id}  {j.status:9s}  step {j.progress.step:>7d}  {j.name}")
+    return 0
+
+
+def cmd_remote_download(args: argparse.Namespace) -> int:
+    out = Path(args.out or f"{args.model_id}.npz")
+    with _client(args) as client:
+        data = client.download(args.model_id)
+    from model.atomic import atomic_write_bytes
+
+    atomic_write_bytes(out, data)
+    print(f"{len(data):,} bytes -> {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_remote_upload(args: argparse.Namespace) -> int:
+    try:
+        data = Path(args.file).read_bytes()
+    except OSError as e:
+        raise CliError(f"cannot read {args.file}: {e.strerror or e}") from None
+    with _client(args) as client:
+        m = client.upload(data, name=args.name)
+    print(m.id)
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def _sampling_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", default="", help="text to continue (default: empty)")
+    p.add_argument("--length", type=int, default=200, help="characters to generate (default 200)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1)")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest only")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
+    p.add_argument("--seed", type=int, default=None, help="same seed, same text")
+    p.add_argument("--stop", action="append", help="stop before this string (repeatable)")
+
+
+def _remote_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--url",
+        default=os.environ.get("CHARNN_URL", DEFAULT_URL),
+        help=f"the server (default $CHARNN_URL or {DEFAULT_URL})",
+    )
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("CHARNN_API_KEY") or None,
+        help="API key for servers that need one (default $CHARNN_API_KEY)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="charnn",
+        description="Train character-level RNN language models in numpy and serve them.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run the HTTP service (API, docs and demo page)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="interface (0.0.0.0: all; default 127.0.0.1)"
+    )
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="store (default $CHARNN_DATA_DIR or ./charnn-data)",
+    )
+    p.add_argument("--reload", action="store_true", help="restart on code changes (development)")
+    p.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("train", help="train a model on a text file, locally (no server)")
+    p.add_argument("corpus", help="UTF-8 text file ('-': standard input)")
+    p.add_argument("--out", required=True, help="where to write the model (.npz)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_hyperparameters(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="generate text from a model file")
+    p.add_argument("model", help="model file (.npz)")
+    _sampling_flags(p)
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("predict", help="next-character probabilities after a text")
+    p.add_argument("model", help="model file (.npz)")
+    p.add_argument("text", help="the prefix (may be empty: '')")
+    p.add_argument("--top-k", type=int, default=10, help="how many to show (default 10)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("score", help="bits per character of a text under a model")
+    p.add_argument("model", help="model file (.npz)")
+    p.add_argument("file", help="UTF-8 text file ('-': standard input)")
+    p.set_defaults(func=cmd_score)
+
+    remote = sub.add_parser("remote", help="the same against a running server")
+    rsub = remote.add_subparsers(dest="remote_command", required=True, metavar="COMMAND")
+
+    p = rsub.add_parser("train", help="start a training job on the server")
+    p.add_argument("corpus", help="UTF-8 text file ('-': standard input)")
+    p.add_argument("--name", help="model name (default: the file name)")
+    p.add_argument("--wait", action="store_true", help="follow the job with a progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_hyperparameters(p)
+    _remote_flags(p)
+    p.set_defaults(func=cmd_remote_train)
+
+    p = rsub.add_parser("jobs", help="list jobs, newest first")
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    _remote_flags(p)
+    p.set_defaults(func=cmd_remote_jobs)
+
+    p = rsub.add_parser("predict", help="next-character probabilities after a text")
+    p.add_argument("text", help="the prefix (may be empty: '')")
+    p.add_argument("--model", help="id or name (default: the newest model)")
+    p.add_argument("--top-k", type=int, default=10, help="how many to show (default 10)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    _remote_flags(p)
+    p.set_defaults(func=cmd_remote_predict)
+
+    p = rsub.add_parser("generate", help="generate text, streamed as it is sampled")
+    p.add_argument("--model", help="id or name (default: the newest model)")
+    _sampling_flags(p)
+    _remote_flags(p)
+    p.set_defaults(func=cmd_remote_generate)
+
+    p = rsub.add_parser("score", help="bits per character of a text")
+    p.add_argument("file", help="UTF-8 text file ('-': standard input)")
+    p.add_argument("--model", help="id or name (default: the newest model)")
+    _remote_flags(p)
+    p.set_defaults(func=cmd_remote_score)
+
+    p = rsub.add_parser("models", help="list models, newest first")
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    _remote_flags(p)
+    p.set_defaults(func=cmd_remote_models)
+
+    p = rsub.add_parser("download", help="save a model's checkpoint (.npz)")
+    p.add_argument("model_id")
+    p.add_argument("--out", help="file to write (default: <model_id>.npz)")
+    _remote_flags(p)
+    p.set_defaults(func=cmd_remote_download)
+
+    p = rsub.add_parser("upload", help="upload a checkpoint (.npz) as a new model")
+    p.add_argument("file")
+    p.add_argument("--name", help="model name (default: from the file's metadata)")
+    _remote_flags(p)
+    p.set_defaults(func=cmd_remote_upload)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from model.errors import ModelError
+
+    from .client import ApiError
+
+    try:
+        code: int = args.func(args)
+        return code
+    except (CliError, ModelError, ApiError, ValueError) as e:
+        print(f"charnn: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("charnn: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `charnn sample ... | head`
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
