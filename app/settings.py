@@ -97,8 +97,8 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(
         default=None,
         description=(
-            "Key every mutating request (POST, DELETE) must send, as Bearer token or "
-            "X-API-Key; unset or empty: no auth."
+            "Key that requests which change state (start or cancel a job, upload or delete "
+            "a model) must send, as Bearer token or X-API-Key; unset or empty: no auth."
         ),
     )
     model_cache_size: int = Field(
