@@ -128,6 +128,7 @@ def _postfix(train_loss: float | None, val_loss: float | None, cps: float | None
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
     from pydantic import ValidationError
+    from pydantic_settings import SettingsError
 
     from .settings import Settings
 
@@ -140,6 +141,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"CHARNN_{'_'.join(map(str, err['loc'])).upper()}: {err['msg']}" for err in e.errors()
         )
         raise CliError(f"bad settings: {problems}") from None
+    except SettingsError as e:  # a value that is not even parseable, e.g. malformed JSON
+        raise CliError(f"bad settings: {e}") from None
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     print(
         f"charnn: serving on http://{args.host}:{args.port} (data in {settings.data_dir}); "

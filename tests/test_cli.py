@@ -132,6 +132,10 @@ def test_errors_are_one_line_and_exit_1(trained: Path, tmp_path: Path) -> None:
     assert "not UTF-8" in one_line_error(charnn("score", str(trained), str(binary)))
     unreachable = charnn("remote", "models", "--url", "http://127.0.0.1:9")
     assert "127.0.0.1:9" in one_line_error(unreachable)
+    bad_env = charnn("serve", env={"CHARNN_MAX_QUEUED_JOBS": "-1"})
+    assert "CHARNN_MAX_QUEUED_JOBS" in one_line_error(bad_env)
+    bad_json = charnn("serve", env={"CHARNN_CORS_ORIGINS": "[not json"})
+    assert "cors_origins" in one_line_error(bad_json)
     usage = charnn("train")  # argparse: usage error, exit 2
     assert usage.returncode == 2 and "usage:" in usage.stderr
 
