@@ -21,7 +21,7 @@ from .errors import install_error_handlers
 from .events import EventHub
 from .limits import BodyLimitMiddleware
 from .model_cache import ModelCache
-from .routes import health, jobs, models
+from .routes import demo, health, jobs, models
 from .runner import ProcessRunner
 from .settings import Settings, get_settings
 from .store import SqliteStore
@@ -73,6 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(models.router)
+    demo.mount(app)
     return app
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import RedirectResponse
 from pydantic import BaseModel
 
 from ..deps import StateDep
@@ -34,9 +33,3 @@ async def readyz(state: StateDep) -> Health:
     if problems:
         raise Unavailable("; ".join(problems), details={"problems": problems})
     return Health(status="ready")
-
-
-@router.get("/", include_in_schema=False)
-async def root() -> RedirectResponse:
-    """Browsers opening the server's address land on the interactive API docs."""
-    return RedirectResponse("/docs")
