@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,19 +33,19 @@ class Served:
     data_dir: Path
 
 
-@pytest.fixture
-def charnn_server(tmp_path: Path) -> Iterator[Served]:
-    """`charnn serve` in the background, as the README starts it, on a free loopback port.
-
-    On teardown it must stop cleanly on SIGTERM (exit 0) and have printed where
-    to point a browser.
-    """
+@contextmanager
+def charnn_serve(workdir: Path, **env: str) -> Iterator[Served]:
+    """`charnn serve` in the background, as the README starts it, on a free loopback port,
+    with extra CHARNN_* settings. On exit it must stop cleanly on SIGTERM (exit 0) having
+    printed where to point a browser."""
     port = free_port()
-    data_dir = tmp_path / "server-data"
-    env = {**os.environ, "CHARNN_JOB_THREADS": "1", "CHARNN_MAX_CONCURRENT_JOBS": "1"}
+    data_dir = workdir / "server-data"
+    base = {k: v for k, v in os.environ.items() if k != "CHARNN_API_KEY"}
+    full_env = {**base, "CHARNN_JOB_THREADS": "1", "CHARNN_MAX_CONCURRENT_JOBS": "1", **env}
     cmd = [str(CHARNN), "serve", "--port", str(port), "--data-dir", str(data_dir)]
     cmd += ["--log-level", "warning"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    workdir.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(cmd, cwd=workdir, env=full_env, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
@@ -61,6 +62,11 @@ def charnn_server(tmp_path: Path) -> Iterator[Served]:
     finally:
         proc.send_signal(signal.SIGTERM)
         _, banner = proc.communicate(timeout=30)
-        code = proc.returncode
-    assert code == 0, banner  # a clean shutdown
+    assert proc.returncode == 0, banner  # a clean shutdown
     assert f"open http://127.0.0.1:{port}/ in a browser" in banner
+
+
+@pytest.fixture
+def charnn_server(tmp_path: Path) -> Iterator[Served]:
+    with charnn_serve(tmp_path) as served:
+        yield served

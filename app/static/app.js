@@ -155,8 +155,32 @@ function drawChart() {
 }
 
 function addPoint(p) {
-  if (p.train_loss !== null && p.train_loss !== undefined) chart.train.push({ step: p.step, loss: p.train_loss });
-  if (p.val_loss !== null && p.val_loss !== undefined) chart.val.push({ step: p.step, loss: p.val_loss });
+  const add = (series, loss) => {
+    if (loss === null || loss === undefined) return;
+    if (series.length && series[series.length - 1].step >= p.step) return; // already plotted
+    series.push({ step: p.step, loss });
+  };
+  add(chart.train, p.train_loss);
+  add(chart.val, p.val_loss);
+}
+
+// The curve so far, from the store: a stream that (re)connects mid-job, or a job that
+// ended before the stream did, still shows every point. Live points then extend it.
+async function loadCurve(jobId) {
+  try {
+    const out = await api(`jobs/${encodeURIComponent(jobId)}/metrics`);
+    const live = { train: chart.train, val: chart.val };
+    chart.train = [];
+    chart.val = [];
+    for (const p of out.points) addPoint(p);
+    for (const p of live.train) addPoint({ step: p.step, train_loss: p.loss });
+    for (const p of live.val) addPoint({ step: p.step, val_loss: p.loss });
+    chart.train.sort((a, b) => a.step - b.step);
+    chart.val.sort((a, b) => a.step - b.step);
+    drawChart();
+  } catch (error) {
+    showError("train-error", error);
+  }
 }
 
 function showProgress(step, total, elapsed, status) {
@@ -176,6 +200,7 @@ function setRunning(running) {
 
 async function finished(job) {
   if (events) { events.close(); events = null; }
+  await loadCurve(job.id); // every point, even if the stream saw none
   setRunning(false);
   const total = job.progress.total_steps || job.progress.step;
   $("train-progress").max = Math.max(1, total);
@@ -197,8 +222,9 @@ function follow(job) {
   events = new EventSource(`jobs/${encodeURIComponent(job.id)}/events`);
   events.addEventListener("progress", (e) => {
     const data = JSON.parse(e.data);
-    if (data.job) { // the snapshot the stream starts with
+    if (data.job) { // the snapshot every (re)connected stream starts with
       showProgress(data.job.progress.step, data.job.progress.total_steps, 0, data.job.status);
+      loadCurve(job.id);
       return;
     }
     addPoint(data);

@@ -1,0 +1,472 @@
+"""The browser demo at ``/``, driven in a real Chromium (Playwright) by a real ``charnn serve``.
+
+Chromium is Debian's (``apt-get install chromium``; .ci/run installs it), never a Playwright
+download. Without it these tests skip locally and fail in CI (``CI=true``).
+
+Every test asserts that the page logged no console error and threw no uncaught exception,
+and that it requested nothing outside the server's origin. Screenshots land in
+``test-artifacts/demo/<test>-<step>.png``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+from playwright.sync_api import (
+    Browser,
+    ConsoleMessage,
+    Page,
+    Request,
+    expect,
+    sync_playwright,
+)
+from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
+
+from .conftest import ROOT, Served, charnn_serve
+
+pytestmark = pytest.mark.slow
+
+ARTIFACTS = ROOT / "test-artifacts" / "demo"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    # Without these Chromium phones home, and this machine's closed network refuses it.
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+TRAIN_TIMEOUT = 60_000  # ms; a tiny job takes a second or two
+UI_TIMEOUT = 15_000  # ms; anything else the page does
+
+ABCD = "abcd" * 300
+ABCD_NAME = "demo-abcd"
+FOX = "the quick brown fox jumps over the lazy dog. " * 40
+FOX_NAME = "demo-fox"
+FOX_HP = {"hidden_size": 32, "seq_length": 16, "batch_size": 8, "max_steps": 300, "eval_every": 100}
+SHOWN = {" ": "␣", "\n": "↵", "\t": "⇥"}  # how a bar shows characters one cannot see
+
+expect.set_options(timeout=UI_TIMEOUT)
+
+
+def chromium_path() -> str | None:
+    found = shutil.which("chromium")
+    if found is None and Path("/usr/bin/chromium").exists():
+        found = "/usr/bin/chromium"
+    return found
+
+
+# --- servers -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """One server for the module: the tests share its models (keeps the file fast)."""
+    with charnn_serve(tmp_path_factory.mktemp("demo")) as served:
+        yield served
+
+
+def train_via_api(url: str, corpus: str, name: str, hp: dict[str, Any]) -> str:
+    """The model id of a job run through the HTTP API (faster than through the page)."""
+    body = {"corpus": corpus, "name": name, "hyperparameters": hp}
+    r = httpx.post(url + "/jobs", json=body, timeout=30)
+    assert r.status_code == 202, r.text
+    job: dict[str, Any] = r.json()
+    deadline = time.monotonic() + 60
+    while job["status"] not in ("succeeded", "failed", "cancelled"):
+        assert time.monotonic() < deadline, f"job stuck at {job['status']}"
+        time.sleep(0.1)
+        job = httpx.get(f"{url}/jobs/{job['id']}", timeout=30).json()
+    assert job["status"] == "succeeded", job
+    model_id: str = job["model_id"]
+    return model_id
+
+
+def model_named(url: str, name: str) -> dict[str, Any] | None:
+    items: list[dict[str, Any]] = httpx.get(url + "/models", timeout=30).json()["items"]
+    return next((m for m in items if m["name"] == name), None)
+
+
+@pytest.fixture(scope="module")
+def abcd_model(server: Served) -> str:
+    """The "abcd" model test_train_from_pasted_text trained through the page; trained
+    through the API when that test did not run (or failed), so the others still can."""
+    found = model_named(server.url, ABCD_NAME)
+    if found is not None:
+        model_id: str = found["id"]
+        return model_id
+    hp = {"hidden_size": 16, "seq_length": 16, "batch_size": 8, "max_steps": 300, "eval_every": 50}
+    return train_via_api(server.url, ABCD, ABCD_NAME, hp)
+
+
+@pytest.fixture(scope="module")
+def fox_model(server: Served) -> str:
+    """A model with a vocabulary of more than ten characters."""
+    return train_via_api(server.url, FOX, FOX_NAME, FOX_HP)
+
+
+# --- the browser ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    path = chromium_path()
+    if path is None:
+        why = "Chromium is not installed (Debian: apt-get install chromium; .ci/run installs it)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{why}: CI must run the browser tests")
+        pytest.skip(why)
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=path, headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@dataclass
+class Ui:
+    """A fresh page, with everything it logged and requested."""
+
+    page: Page
+    test: str
+    origin: str = ""
+    console_errors: list[str] = field(default_factory=list)
+    page_errors: list[str] = field(default_factory=list)
+    requests: list[Request] = field(default_factory=list)
+    # (status, path) of the HTTP errors a test provokes on purpose: Chromium itself logs
+    # "Failed to load resource: ... status of 422" for them, which is not the page's doing.
+    expected_http_errors: set[tuple[int, str]] = field(default_factory=set)
+
+    def open(self, url: str) -> None:
+        self.origin = url
+        response = self.page.goto(url + "/")
+        assert response is not None and response.ok, response
+        assert urlsplit(self.page.url).path == "/", f"/ went to {self.page.url}, not the demo"
+
+    def shot(self, step: str) -> None:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        self.page.screenshot(path=ARTIFACTS / f"{self.test}-{step}.png", full_page=True)
+
+    def expect_http_error(self, status: int, path: str) -> None:
+        self.expected_http_errors.add((status, path))
+
+    def _on_console(self, msg: ConsoleMessage) -> None:
+        if msg.type != "error":
+            return
+        where = msg.location.get("url", "")
+        for status, path in self.expected_http_errors:
+            failed = f"Failed to load resource: the server responded with a status of {status}"
+            if msg.text.startswith(failed) and urlsplit(where).path == path:
+                return
+        self.console_errors.append(f"{msg.text} (at {where}:{msg.location.get('lineNumber')})")
+
+    def assert_clean(self) -> None:
+        """No console error, no uncaught exception, nothing fetched from elsewhere."""
+        assert not self.page_errors, f"uncaught errors in the page: {self.page_errors}"
+        assert not self.console_errors, f"the page logged errors: {self.console_errors}"
+        foreign = [
+            r.url
+            for r in self.requests
+            if not r.url.startswith(self.origin + "/") and not r.url.startswith("data:")
+        ]
+        assert not foreign, f"requests outside {self.origin}: {foreign}"
+
+
+@pytest.fixture
+def ui(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Ui]:
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    context.set_default_timeout(UI_TIMEOUT)
+    page = context.new_page()
+    u = Ui(page, request.node.name)
+    page.on("console", u._on_console)
+    page.on("pageerror", lambda e: u.page_errors.append(f"{e.name}: {e.message}\n{e.stack}"))
+    page.on("request", lambda r: u.requests.append(r))
+    try:
+        yield u
+    finally:
+        if u.console_errors or u.page_errors:  # shown with a failure's captured output
+            print("console errors:", u.console_errors, "page errors:", u.page_errors)
+        context.close()
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def bars(page: Page) -> list[tuple[str, float]]:
+    """(data-char, data-prob) of every #predict-bars .bar, in order."""
+    found: list[list[str]] = page.eval_on_selector_all(
+        "#predict-bars .bar",
+        "bars => bars.map(b => [b.getAttribute('data-char'), b.getAttribute('data-prob')])",
+    )
+    return [(c, float(p)) for c, p in found]
+
+
+SAME_BARS = """want => {
+    const bars = [...document.querySelectorAll('#predict-bars .bar')];
+    return bars.length === want.length && bars.every((b, i) =>
+        b.getAttribute('data-char') === want[i][0] &&
+        Math.abs(Number(b.getAttribute('data-prob')) - want[i][1]) <= 1e-3);
+}"""
+
+
+def api_top10(url: str, model_id: str, text: str) -> list[tuple[str, float]]:
+    body = {"model": model_id, "text": text, "top_k": 10}
+    r = httpx.post(url + "/predict", json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    return [(n["char"], n["prob"]) for n in r.json()["next"]]
+
+
+def expect_bars_for(page: Page, url: str, model_id: str, text: str) -> list[tuple[str, float]]:
+    """Wait for the bars to show the API's top 10 after ``text``, and check each one."""
+    want = api_top10(url, model_id, text)
+    expect(page.locator("#predict-text")).to_have_value(text)
+    # Bars for an earlier prefix may look alike (after "ab" and "abcdab" alike "c" leads):
+    # wait for these very ones; on a timeout the assertions below say what differs.
+    try:
+        page.wait_for_function(SAME_BARS, arg=want)
+    except PlaywrightTimeoutError:
+        pass
+    got = bars(page)
+    assert len(got) == len(want), (text, got, want)
+    assert [c for c, _ in got] == [c for c, _ in want], (text, got, want)
+    for (c, p), (_, q) in zip(got, want, strict=True):
+        assert p == pytest.approx(q, abs=1e-3), (c, p, q)
+    probs = [p for _, p in got]
+    assert probs == sorted(probs, reverse=True), f"bars not sorted by probability: {got}"
+    for i, (c, _) in enumerate(got):
+        shown = page.locator("#predict-bars .bar").nth(i).inner_text()
+        assert SHOWN.get(c, c) in shown, f"bar {c!r} shows {shown!r}"
+    return got
+
+
+def select_model(page: Page, model_id: str) -> None:
+    page.click("#models-refresh")
+    expect(page.locator(f'#model-select option[value="{model_id}"]')).to_have_count(1)
+    page.select_option("#model-select", model_id)
+    expect(page.locator("#model-select")).to_have_value(model_id)
+
+
+def retype(page: Page, selector: str, text: str) -> None:
+    """Clear a field, then type ``text`` key by key (input events, as a person types)."""
+    box = page.locator(selector)
+    box.fill("")
+    box.press_sequentially(text)
+
+
+def readable(message: str) -> None:
+    assert message.strip(), "the error is empty"
+    for junk in ("[object Object]", "undefined", "Traceback", "TypeError", "\n    at "):
+        assert junk not in message, f"unreadable error: {message!r}"
+
+
+# --- the tests -----------------------------------------------------------------------------
+
+
+def test_page_loads_self_contained(server: Served, ui: Ui) -> None:
+    ui.open(server.url)
+    expect(ui.page).to_have_title(re.compile("charnn"))
+    for control in ("#train-start", "#model-select", "#predict-text", "#gen-start"):
+        section = ui.page.locator("section").filter(has=ui.page.locator(control))
+        expect(section).to_have_count(1)
+        expect(section).to_be_visible()
+    expect(ui.page.locator("#train-cancel")).to_be_disabled()
+    expect(ui.page.locator("#train-error")).to_be_hidden()
+    ui.page.wait_for_load_state("networkidle")
+    ui.shot("loaded")
+    assert any(r.url.endswith(".js") for r in ui.requests), "no script loaded"
+    ui.assert_clean()
+
+
+def test_train_from_pasted_text(server: Served, ui: Ui) -> None:
+    page = ui.page
+    ui.open(server.url)
+    page.fill("#corpus", ABCD)
+    page.select_option("#preset", "tiny")
+    for hp in ("hidden_size", "seq_length", "batch_size", "learning_rate"):
+        value = page.input_value(f"#hp-{hp}")
+        assert value and float(value) > 0, f"preset tiny left #hp-{hp} at {value!r}"
+    hidden_size = page.input_value("#hp-hidden_size")
+    page.fill("#hp-max_steps", "300")
+    page.fill("#hp-eval_every", "50")
+    page.fill("#model-name", ABCD_NAME)
+    ui.shot("filled")
+    page.click("#train-start")
+
+    chart = page.locator("#loss-chart")
+    expect(chart).to_have_attribute("data-train-points", re.compile(r"^[1-9]\d*$"))
+    page.wait_for_function("document.querySelector('#train-progress').value > 0")
+    ui.shot("training")
+    status = page.locator("#train-status")
+    expect(status).to_contain_text("succeeded", timeout=TRAIN_TIMEOUT)
+    expect(chart).to_have_attribute("data-val-points", re.compile(r"^[1-9]\d*$"))
+    value, maximum = page.eval_on_selector("#train-progress", "p => [p.value, p.max]")
+    assert (value, maximum) == (300, 300)
+    expect(page.locator("#train-cancel")).to_be_disabled()
+    expect(page.locator("#train-error")).to_be_hidden()
+    assert any(re.search(r"/jobs/[^/]+/events$", r.url) for r in ui.requests), "no SSE stream"
+
+    model = model_named(server.url, ABCD_NAME)
+    assert model is not None, "the job made no model"
+    select = page.locator("#model-select")
+    expect(select).to_have_value(model["id"], timeout=UI_TIMEOUT)
+    option = select.locator(f'option[value="{model["id"]}"]')
+    text = option.inner_text()
+    assert ABCD_NAME in text and hidden_size in text, f"model option says {text!r}"
+    ui.shot("succeeded")
+    ui.assert_clean()
+
+
+def test_train_from_file(server: Served, ui: Ui) -> None:
+    """#corpus-file instead of pasted text."""
+    page = ui.page
+    ui.open(server.url)
+    corpus = "xyz\n" * 300
+    page.set_input_files(
+        "#corpus-file", {"name": "xyz.txt", "mimeType": "text/plain", "buffer": corpus.encode()}
+    )
+    expect(page.locator("#corpus")).to_have_value("")
+    page.select_option("#preset", "tiny")
+    page.fill("#hp-max_steps", "60")
+    page.fill("#hp-eval_every", "20")
+    page.fill("#model-name", "demo-file")
+    page.click("#train-start")
+    expect(page.locator("#train-status")).to_contain_text("succeeded", timeout=TRAIN_TIMEOUT)
+    model = model_named(server.url, "demo-file")
+    assert model is not None, "the job made no model"
+    assert sorted(model["vocab"]) == ["\n", "x", "y", "z"], "the corpus was not the file's"
+    expect(page.locator("#model-select")).to_have_value(model["id"])
+    # The newline is a bar like any other character, shown as "↵".
+    retype(page, "#predict-text", "xyz")
+    got = expect_bars_for(page, server.url, model["id"], "xyz")
+    assert got[0][0] == "\n", got
+    ui.shot("succeeded")
+    ui.assert_clean()
+
+
+def test_predict_bars(server: Served, ui: Ui, abcd_model: str, fox_model: str) -> None:
+    page = ui.page
+    ui.open(server.url)
+    select_model(page, abcd_model)
+    retype(page, "#predict-text", "abcdab")
+    got = expect_bars_for(page, server.url, abcd_model, "abcdab")
+    assert len(got) == 4  # the whole vocabulary: fewer than ten characters
+    assert got[0][0] == "c" and got[0][1] > 0.9, got
+    ui.shot("abcd")
+
+    select_model(page, fox_model)
+    prefix = "the quick brown fox jumps over the lazy do"
+    retype(page, "#predict-text", prefix)
+    got = expect_bars_for(page, server.url, fox_model, prefix)
+    assert len(got) == 10 and got[0][0] == "g", got
+    ui.shot("fox")
+    page.locator("#predict-bars .bar").first.click()
+    expect_bars_for(page, server.url, fox_model, prefix + "g")
+    expect(page.locator("#predict-error")).to_be_hidden()
+    ui.shot("clicked")
+    ui.assert_clean()
+
+
+def test_generate_with_seed(server: Served, ui: Ui, fox_model: str) -> None:
+    page = ui.page
+    ui.open(server.url)
+    select_model(page, fox_model)
+    prompt = "the "
+    page.fill("#gen-prompt", prompt)
+    page.fill("#gen-temperature", "0.85")
+    expect(page.locator("#gen-temperature-value")).to_have_text(re.compile(r"0\.85"))
+    page.fill("#gen-length", "40")
+    page.fill("#gen-seed", "7")
+
+    outputs = []
+    for run in (1, 2):
+        page.click("#gen-start")
+        expect(page.locator("#gen-status")).to_contain_text("done")
+        expect(page.locator("#gen-error")).to_be_hidden()
+        outputs.append(page.locator("#gen-output").text_content() or "")
+        ui.shot(f"run{run}")
+    assert len(outputs[0]) == 40, outputs
+    assert outputs[0] == outputs[1], "the same seed generated different text"
+
+    body = {"model": fox_model, "prompt": prompt, "max_chars": 40, "temperature": 0.85, "seed": 7}
+    r = httpx.post(server.url + "/generate", json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    assert outputs[0] == r.json()["text"], "the page and the API generated different text"
+    assert any(r.url.endswith("/generate") and r.method == "POST" for r in ui.requests)
+    ui.assert_clean()
+
+
+def test_bad_input_shows_readable_errors(server: Served, ui: Ui, abcd_model: str) -> None:
+    page = ui.page
+    ui.expect_http_error(422, "/predict")
+    ui.expect_http_error(422, "/jobs")
+    ui.open(server.url)
+    select_model(page, abcd_model)
+    retype(page, "#predict-text", "abcx")
+    error = page.locator("#predict-error")
+    expect(error).to_be_visible()
+    expect(error).to_contain_text("characters not in the model's vocabulary: 'x'")
+    readable(error.inner_text())
+    ui.shot("predict-error")
+    page.locator("#predict-text").press("Backspace")
+    expect(error).to_be_hidden()
+    expect_bars_for(page, server.url, abcd_model, "abc")
+
+    page.fill("#corpus", "")
+    page.select_option("#preset", "tiny")
+    page.click("#train-start")
+    train_error = page.locator("#train-error")
+    expect(train_error).to_be_visible()
+    expect(train_error).to_contain_text("corpus")
+    readable(train_error.inner_text())
+    expect(page.locator("#train-cancel")).to_be_disabled()
+    ui.shot("train-error")
+    ui.assert_clean()
+
+
+def test_api_key(tmp_path: Path, ui: Ui) -> None:
+    page = ui.page
+    with charnn_serve(tmp_path, CHARNN_API_KEY="s3cret") as keyed:
+        ui.expect_http_error(401, "/jobs")
+        ui.open(keyed.url)
+        page.fill("#corpus", ABCD)
+        page.select_option("#preset", "tiny")
+        page.fill("#hp-max_steps", "1000000")  # long enough to cancel it while it runs
+        page.fill("#hp-eval_every", "50")
+        page.click("#train-start")
+        error = page.locator("#train-error")
+        expect(error).to_be_visible()
+        expect(error).to_contain_text("API key")
+        readable(error.inner_text())
+        ui.shot("no-key")
+
+        page.fill("#api-key", "s3cret")
+        page.click("#train-start")
+        expect(error).to_be_hidden()
+        cancel = page.locator("#train-cancel")
+        expect(cancel).to_be_enabled()
+        page.wait_for_function("document.querySelector('#train-progress').value > 0")
+        expect(page.locator("#loss-chart")).to_have_attribute(
+            "data-train-points", re.compile(r"^[1-9]\d*$")
+        )
+        ui.shot("running")
+        sent = [r for r in ui.requests if r.method == "POST" and r.url == keyed.url + "/jobs"]
+        assert sent[-1].headers.get("authorization") == "Bearer s3cret"
+        cancel.click()  # the cancel endpoint needs the key too
+        expect(page.locator("#train-status")).to_contain_text("cancelled", timeout=TRAIN_TIMEOUT)
+        expect(cancel).to_be_disabled()
+        expect(error).to_be_hidden()
+        ui.shot("cancelled")
+        ui.assert_clean()
+        page.close()  # before the server stops: no EventSource left to retry against it
