@@ -286,6 +286,15 @@ def test_page_loads_self_contained(server: Served, ui: Ui) -> None:
     ui.page.wait_for_load_state("networkidle")
     ui.shot("loaded")
     assert any(r.url.endswith(".js") for r in ui.requests), "no script loaded"
+    # On a phone the page reflows to one column: nothing sticks out sideways.
+    ui.page.set_viewport_size({"width": 390, "height": 844})
+    overflow = ui.page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 0, f"the page is {overflow}px wider than a phone screen"
+    boxes = [ui.page.locator(f"#{s}").bounding_box() for s in ("train", "models", "predict")]
+    assert all(b is not None for b in boxes)
+    xs = {round(b["x"]) for b in boxes if b is not None}
+    assert len(xs) == 1, f"sections not stacked in one column on a phone: x = {xs}"
+    ui.shot("phone")
     ui.assert_clean()
 
 

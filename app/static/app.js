@@ -299,11 +299,7 @@ async function loadModels(select) {
   const el = $("model-select");
   const keep = select || el.value;
   el.innerHTML = "";
-  if (!models.length) {
-    const option = new Option("no models yet: train one", "");
-    option.disabled = true;
-    el.add(option);
-  }
+  if (!models.length) el.add(new Option("no models yet: train one", ""));
   for (const m of models) el.add(new Option(describeModel(m), m.id));
   if (models.some((m) => m.id === keep)) el.value = keep;
   modelChanged();
