@@ -81,10 +81,10 @@ def _hyperparameters(args: argparse.Namespace) -> dict[str, Any]:
 
 def _read_text(path: str) -> str:
     """A UTF-8 file, or standard input for '-'."""
-    try:
+    try:  # bytes, then decode: text mode would turn "\r\n" into "\n" (no normalisation)
         if path == "-":
-            return sys.stdin.read()
-        return Path(path).read_text(encoding="utf-8")
+            return sys.stdin.buffer.read().decode("utf-8")
+        return Path(path).read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
         raise CliError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     except OSError as e:

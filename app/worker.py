@@ -69,7 +69,8 @@ def run_job(spec: JobSpec, send: Send, should_stop: Callable[[], bool]) -> None:
 
 
 def _run(spec: JobSpec, send: Send, should_stop: Callable[[], bool]) -> None:
-    text = Path(spec.corpus_path).read_text(encoding="utf-8")
+    # Bytes, then decode: text mode would turn "\r\n" into "\n" (no normalisation, ever).
+    text = Path(spec.corpus_path).read_bytes().decode("utf-8")
     state_path = Path(spec.state_path)
     if state_path.exists():
         trainer = Trainer(text, resume=load_state(state_path), threads=spec.threads)
