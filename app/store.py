@@ -317,6 +317,7 @@ class SqliteStore:
         self._models_dir = self.data_dir / "models"
         self._jobs_dir.mkdir(parents=True, exist_ok=True)
         self._models_dir.mkdir(parents=True, exist_ok=True)
+        _remove_temp_files(self.data_dir)
         self._lock = threading.Lock()
         self._models_version = 0
         self._conn = sqlite3.connect(
@@ -666,8 +667,11 @@ class SqliteStore:
         """Whether new files and rows can be written (for the readiness probe)."""
         try:
             fd, tmp = tempfile.mkstemp(prefix=".writable.", suffix=".tmp", dir=self.data_dir)
-            os.close(fd)
-            os.unlink(tmp)
+            try:  # an empty file needs no free space: write a block, or a full disk is "ready"
+                os.write(fd, bytes(4096))
+            finally:
+                os.close(fd)
+                os.unlink(tmp)
             with self._lock:
                 self._conn.execute("BEGIN IMMEDIATE")
                 self._conn.execute("ROLLBACK")
@@ -686,6 +690,20 @@ def _finite_or_none(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def _remove_temp_files(data_dir: Path) -> None:
+    # A crash (kill -9, power loss) in the middle of an atomic write leaves its temporary
+    # file (".<name>.<random>.tmp", never read: only final names are) behind. One server
+    # owns a data directory, and it opens the store before any job process starts, so
+    # every temporary file found now is a dead writer's.
+    patterns = (".*.tmp", "models/.*.tmp", "jobs/*/.*.tmp")
+    for path in (p for pattern in patterns for p in data_dir.glob(pattern)):
+        try:
+            if path.is_file():
+                path.unlink()
+        except OSError:
+            pass  # e.g. a read-only directory: harmless, the file is never read
 
 
 def _rmdir_quietly(path: Path) -> None:

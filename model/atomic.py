@@ -4,9 +4,26 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from pathlib import Path
 
 _DEFAULT_UMASK = 0o022
+# Test-only: seconds to pause half-way through writing the temporary file, so a test
+# can land a kill -9 inside a checkpoint or model write (tests/test_faults.py).
+# Ignored unless set to a number in (0, 60]; never set it in production.
+_SLOW_WRITE_ENV = "CHARNN_TEST_SLOW_WRITE_S"
+
+
+def _test_pause() -> None:
+    raw = os.environ.get(_SLOW_WRITE_ENV)
+    if not raw:
+        return
+    try:
+        delay = float(raw)
+    except ValueError:
+        return
+    if 0 < delay <= 60:
+        time.sleep(delay)
 
 
 def _umask() -> int:
@@ -57,7 +74,11 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            view, half = memoryview(data), len(data) // 2
+            f.write(view[:half])
+            f.flush()
+            _test_pause()  # no-op unless the test-only variable is set
+            f.write(view[half:])
             f.flush()
             if hasattr(os, "fchmod"):
                 os.fchmod(f.fileno(), mode)
