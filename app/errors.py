@@ -94,10 +94,27 @@ def error_response(
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
+SURROGATE_MESSAGE = (
+    "contains a lone UTF-16 surrogate (\\ud800-\\udfff) or a broken \\u escape; "
+    "strings must be valid Unicode text"
+)
+
+
+def clear_message(msg: str, type_: object = None) -> str:
+    """pydantic's message, or a plainer one where pydantic's does not say what is wrong."""
+    if type_ == "string_unicode" or "surrogate" in msg or "hex escape" in msg:
+        return SURROGATE_MESSAGE  # json.loads lets "\ud800" through; pydantic cannot encode it
+    return msg
+
+
 def _validation_details(exc: RequestValidationError) -> list[dict[str, Any]]:
     """Location, message and type of each problem; never the input (it may be a corpus)."""
     return [
-        {"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg")), "type": e.get("type")}
+        {
+            "loc": [str(p) for p in e.get("loc", ())],
+            "msg": clear_message(str(e.get("msg")), e.get("type")),
+            "type": e.get("type"),
+        }
         for e in exc.errors()
     ]
 
@@ -116,11 +133,19 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
-            exc.status_code, "http_error"
-        )
+        code = {
+            400: "malformed_body",
+            404: "not_found",
+            405: "method_not_allowed",
+            413: "payload_too_large",
+        }.get(exc.status_code, "http_error")
         headers = dict(exc.headers) if exc.headers else None
-        return error_response(exc.status_code, code, str(exc.detail), headers=headers)
+        message = str(exc.detail)
+        if exc.status_code == 400:  # FastAPI/Starlette: a JSON body not UTF-8, broken multipart
+            message = f"the request body could not be parsed: {message}"
+        if exc.status_code == 404 and message == "Not Found":  # no route matched
+            message = "no such route: check the method and path (the API is listed at /docs)"
+        return error_response(exc.status_code, code, message, headers=headers)
 
     for exc_type, (status, code) in _MODEL_ERRORS.items():
 

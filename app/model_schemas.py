@@ -10,7 +10,7 @@ ModelRef = Field(None, max_length=200, description="model id or name; omitted: t
 
 
 class PredictIn(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", strict=True, protected_namespaces=())
 
     model: str | None = ModelRef
     text: str = Field("", max_length=100_000, description="the prefix; empty is valid")
@@ -34,7 +34,7 @@ class PredictOut(BaseModel):
 
 
 class GenerateIn(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", strict=True, protected_namespaces=())
 
     model: str | None = ModelRef
     prompt: str = Field("", max_length=100_000)
@@ -56,7 +56,7 @@ class GenerateOut(BaseModel):
 
 
 class ScoreIn(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", strict=True, protected_namespaces=())
 
     model: str | None = ModelRef
     text: str = Field(min_length=1, max_length=1_000_000)

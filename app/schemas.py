@@ -21,7 +21,7 @@ JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 class Hyperparameters(BaseModel):
     """Every field optional; omitted ones take model/'s measured defaults."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # true is not 1, "16" not 16
 
     hidden_size: int = Field(_D.hidden_size, ge=1, le=4096, description="n_a, hidden units")
     seq_length: int = Field(_D.seq_length, ge=1, le=4096, description="T, chars per BPTT chunk")
@@ -55,7 +55,7 @@ class Hyperparameters(BaseModel):
 class JobCreate(BaseModel):
     """``POST /jobs`` as JSON; multipart sends the same minus ``corpus`` in ``config``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     corpus: str = Field(description="UTF-8 training text")
     name: str | None = Field(None, max_length=200)
@@ -67,7 +67,7 @@ class JobCreate(BaseModel):
 class JobConfig(BaseModel):
     """The ``config`` part of a multipart ``POST /jobs``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: str | None = Field(None, max_length=200)
     hyperparameters: Hyperparameters = Field(default_factory=lambda: Hyperparameters())

@@ -7,7 +7,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
 
 from ..deps import StateDep
-from ..errors import ErrorBody, Unavailable
+from ..errors import Unavailable, documented
 
 router = APIRouter(tags=["health"])
 
@@ -16,13 +16,16 @@ class Health(BaseModel):
     status: str
 
 
-@router.get("/healthz")
+_TOO_BIG = "request body over max_body_bytes (any request can carry one)"
+
+
+@router.get("/healthz", responses=documented({413: _TOO_BIG}))
 async def healthz() -> Health:
     """The process is alive (no I/O: cheap enough to poll)."""
     return Health(status="ok")
 
 
-@router.get("/readyz", responses={503: {"model": ErrorBody, "description": "not ready"}})
+@router.get("/readyz", responses=documented({413: _TOO_BIG, 503: "not ready"}))
 async def readyz(state: StateDep) -> Health:
     """Ready when the store is writable and the job runner is alive."""
     problems = []

@@ -19,7 +19,16 @@ from model.train import TrainConfig
 from model.vocab import Vocab
 
 from ..deps import AppState, AuthDep, StateDep
-from ..errors import Conflict, Invalid, NotFound, QueueFull, Unavailable, documented
+from ..errors import (
+    SURROGATE_MESSAGE,
+    Conflict,
+    Invalid,
+    NotFound,
+    QueueFull,
+    Unavailable,
+    clear_message,
+    documented,
+)
 from ..events import sse_event
 from ..runner import QueueFullError
 from ..schemas import (
@@ -41,17 +50,21 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 RETRY_AFTER_S = "10"
-_ERRORS = documented(
-    {
-        401: "API key missing or wrong",
-        404: "no such job or model",
-        409: "the job is already finished",
-        413: "request body over max_body_bytes",
-        422: "invalid corpus, hyperparameters or request",
-        429: "the job queue is full (see Retry-After)",
-        503: "the store is not writable",
-    }
-)
+_WHY = {
+    400: "the body could not be parsed (broken multipart)",
+    401: "API key missing or wrong",
+    404: "no such job (POST /jobs: no init_from model by that id or name)",
+    409: "the job is already finished",
+    413: "request body over max_body_bytes",
+    422: "invalid corpus, hyperparameters or request",
+    429: "the job queue is full (see Retry-After)",
+    503: "the store is not writable",
+}
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The error statuses a route can answer: its own, plus 413 and 422 that any can."""
+    return documented({s: _WHY[s] for s in sorted({*statuses, 413, 422})})
 
 
 def job_out(job: JobRecord) -> JobOut:
@@ -98,8 +111,17 @@ async def _read_body(request: Request) -> JobCreate:
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "body"
-        details = [{"loc": [str(p) for p in x["loc"]], "msg": x["msg"]} for x in e.errors()]
-        raise Invalid(f"{where}: {first['msg']}", details) from None
+        details = [
+            {"loc": [str(p) for p in x["loc"]], "msg": clear_message(x["msg"], x["type"])}
+            for x in e.errors()
+        ]
+        message = f"{where}: {details[0]['msg']}"
+        if first["type"] == "json_invalid" and details[0]["msg"] != SURROGATE_MESSAGE:
+            message += (
+                "; POST /jobs takes a JSON object (application/json) or multipart/form-data "
+                "with a 'corpus' file and an optional 'config' JSON part"
+            )
+        raise Invalid(message, details) from None
 
 
 async def _read_form(form: FormData) -> JobCreate:
@@ -115,7 +137,14 @@ async def _read_form(form: FormData) -> JobCreate:
     config_part = form.get("config")
     if isinstance(config_part, UploadFile):
         config_part = (await config_part.read()).decode("utf-8", "replace")
-    config = JobConfig.model_validate_json(config_part or "{}")
+    try:
+        config = JobConfig.model_validate_json(config_part or "{}")
+    except ValidationError as e:
+        first = e.errors()[0]
+        if first["loc"]:
+            raise  # a field of the config: _read_body names it
+        msg = clear_message(first["msg"], first["type"])
+        raise Invalid(f"config: {msg}; the 'config' part must be a JobConfig JSON object") from None
     return JobCreate(corpus=corpus, **config.model_dump(exclude_unset=True))
 
 
@@ -134,7 +163,8 @@ def _check_limits(state: AppState, body: JobCreate) -> None:
     ]
     if len(body.corpus) > s.max_corpus_chars:
         problems.append(
-            f"corpus has {len(body.corpus)} characters; this server allows {s.max_corpus_chars}"
+            f"corpus has {len(body.corpus)} characters; this server allows "
+            f"{s.max_corpus_chars} (max_corpus_chars)"
         )
     if problems:
         raise Invalid("; ".join(problems))
@@ -175,9 +205,14 @@ def _create(state: AppState, body: JobCreate, response: Response) -> JobOut:
         )
     if not state.store.writable():
         raise Unavailable("the data directory is not writable; no new jobs can be stored")
-    job = state.store.create_job(
-        body.name or "untitled", corpus, hp, body.seed, init_id, len(vocab)
-    )
+    try:
+        job = state.store.create_job(
+            body.name or "untitled", corpus, hp, body.seed, init_id, len(vocab)
+        )
+    except OSError as e:  # e.g. the disk filled up since the check: nothing was stored
+        raise Unavailable(
+            f"the data directory is not writable ({e.strerror}); no new jobs can be stored"
+        ) from None
     try:
         state.runner.submit(job.id)
     except QueueFullError as e:
@@ -211,7 +246,7 @@ _JOB_BODY_DOC: dict[str, Any] = {
     "",
     status_code=202,
     dependencies=[AuthDep],
-    responses=_ERRORS,
+    responses=_errors(400, 401, 404, 429, 503),
     openapi_extra=_JOB_BODY_DOC,
 )
 async def create_job(request: Request, response: Response, state: StateDep) -> JobOut:
@@ -220,7 +255,7 @@ async def create_job(request: Request, response: Response, state: StateDep) -> J
     return await run_in_threadpool(_create, state, body, response)
 
 
-@router.get("", responses=_ERRORS)
+@router.get("", responses=_errors())
 def list_jobs(
     state: StateDep,
     status: JobStatus | None = None,
@@ -233,13 +268,13 @@ def list_jobs(
     return JobList(items=[job_out(j) for j in jobs], total=total, limit=limit, offset=offset)
 
 
-@router.get("/{job_id}", responses=_ERRORS)
+@router.get("/{job_id}", responses=_errors(404))
 def get_job(job_id: str, state: StateDep) -> JobOut:
     """One job: status, progress, latest losses, model id when done."""
     return job_out(_get(state, job_id))
 
 
-@router.get("/{job_id}/metrics", responses=_ERRORS)
+@router.get("/{job_id}/metrics", responses=_errors(404))
 def get_metrics(
     job_id: str, state: StateDep, after_step: int = Query(-1, ge=-1, le=10**12)
 ) -> MetricsOut:
@@ -257,7 +292,7 @@ def get_metrics(
     )
 
 
-@router.post("/{job_id}/cancel", dependencies=[AuthDep], responses=_ERRORS)
+@router.post("/{job_id}/cancel", dependencies=[AuthDep], responses=_errors(401, 404, 409))
 async def cancel_job(job_id: str, state: StateDep) -> JobOut:
     """Stop a queued or running job; answers once it is cancelled (about a second)."""
     job = await run_in_threadpool(_get, state, job_id)
@@ -276,7 +311,8 @@ async def cancel_job(job_id: str, state: StateDep) -> JobOut:
 
 @router.get(
     "/{job_id}/events",
-    responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "SSE"}},
+    response_class=StreamingResponse,  # no application/json in the schema: it never sends one
+    responses={**_errors(404), 200: {"content": {"text/event-stream": {}}, "description": "SSE"}},
 )
 async def job_events(job_id: str, state: StateDep) -> StreamingResponse:
     """Server-Sent Events: `progress` while running, then one `status` with the final job."""

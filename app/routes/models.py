@@ -40,14 +40,18 @@ from ..store import ModelRecord
 
 router = APIRouter(tags=["models"])
 
-_ERRORS = documented(
-    {
-        401: "API key missing or wrong",
-        404: "no such model (or no model at all yet)",
-        413: "request body over max_body_bytes",
-        422: "invalid request, characters outside the vocabulary, or a malformed checkpoint",
-    }
-)
+_WHY = {
+    400: "the body could not be parsed (JSON not UTF-8, broken multipart)",
+    401: "API key missing or wrong",
+    404: "no such model (or no model at all yet)",
+    413: "request body over max_body_bytes",
+    422: "invalid request, characters outside the vocabulary, or a malformed checkpoint",
+}
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The error statuses a route can answer: its own, plus 413 and 422 that any can."""
+    return documented({s: _WHY[s] for s in sorted({*statuses, 413, 422})})
 
 
 def model_out(m: ModelRecord) -> ModelOut:
@@ -88,7 +92,7 @@ async def _loaded(state: AppState, ref: str | None) -> LoadedModel:
     return loaded
 
 
-@router.post("/predict", responses=_ERRORS)
+@router.post("/predict", responses=_errors(400, 404))
 async def predict(body: PredictIn, state: StateDep) -> PredictOut:
     """The probability of every next character after a prefix."""
     loaded = await _loaded(state, body.model)
@@ -110,7 +114,7 @@ async def predict(body: PredictIn, state: StateDep) -> PredictOut:
 
 @router.post(
     "/generate",
-    responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}, "model": GenerateOut}},
+    responses={**_errors(400, 404), 200: {"content": {"text/event-stream": {}}}},
     response_model=GenerateOut,
 )
 async def generate(body: GenerateIn, state: StateDep) -> Any:
@@ -148,7 +152,7 @@ async def generate(body: GenerateIn, state: StateDep) -> Any:
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
-@router.post("/score", responses=_ERRORS)
+@router.post("/score", responses=_errors(400, 404))
 async def score_text(body: ScoreIn, state: StateDep) -> ScoreOut:
     """One natural-log probability per character, the first given the empty prefix."""
     loaded = await _loaded(state, body.model)
@@ -164,7 +168,7 @@ async def score_text(body: ScoreIn, state: StateDep) -> ScoreOut:
     )
 
 
-@router.get("/models", responses=_ERRORS)
+@router.get("/models", responses=_errors())
 def list_models(
     state: StateDep,
     limit: int = Query(50, ge=1, le=500),
@@ -175,7 +179,7 @@ def list_models(
     return ModelList(items=items, total=state.store.count_models(), limit=limit, offset=offset)
 
 
-@router.get("/models/{model_id}", responses=_ERRORS)
+@router.get("/models/{model_id}", responses=_errors(404))
 def get_model(model_id: str, state: StateDep) -> ModelOut:
     """One model: name, vocabulary in index order, hyperparameters, losses, size."""
     record = state.store.get_model(model_id)
@@ -184,7 +188,9 @@ def get_model(model_id: str, state: StateDep) -> ModelOut:
     return model_out(record)
 
 
-@router.delete("/models/{model_id}", status_code=204, dependencies=[AuthDep], responses=_ERRORS)
+@router.delete(
+    "/models/{model_id}", status_code=204, dependencies=[AuthDep], responses=_errors(401, 404)
+)
 def delete_model(model_id: str, state: StateDep) -> Response:
     """Delete a model and its checkpoint."""
     if not state.store.delete_model(model_id):
@@ -195,7 +201,11 @@ def delete_model(model_id: str, state: StateDep) -> Response:
 
 @router.get(
     "/models/{model_id}/checkpoint",
-    responses={**_ERRORS, 200: {"content": {"application/octet-stream": {}}}},
+    response_class=Response,  # no application/json in the schema: it never sends one
+    responses={
+        **_errors(404),
+        200: {"content": {"application/octet-stream": {"schema": {"type": "string"}}}},
+    },
 )
 def download_checkpoint(model_id: str, state: StateDep) -> Response:
     """The model's .npz: arrays Wax, Waa, Wya, ba, by and a JSON meta string."""
@@ -210,7 +220,7 @@ def download_checkpoint(model_id: str, state: StateDep) -> Response:
     "/models",
     status_code=201,
     dependencies=[AuthDep],
-    responses=_ERRORS,
+    responses=_errors(400, 401),
     openapi_extra={
         "requestBody": {
             "required": True,
