@@ -40,6 +40,9 @@ from ..store import ModelRecord
 
 router = APIRouter(tags=["models"])
 
+# Float weights barely compress (~10 %), so a genuine compressed .npz never expands 4x.
+UPLOAD_EXPANSION = 4
+
 _WHY = {
     400: "the body could not be parsed (JSON not UTF-8, broken multipart)",
     401: "API key missing or wrong",
@@ -256,9 +259,14 @@ async def upload_model(request: Request, response: Response, state: StateDep) ->
         data = await request.body()
     if name is not None and len(name) > 200:
         raise Invalid("name must be at most 200 characters")
+    if name is not None and "\x00" in name:
+        raise Invalid("name must not contain NUL characters")
+    # Uncompressed, an upload may be at most UPLOAD_EXPANSION times the body limit: a
+    # small zip bomb must not make the server allocate the loader's 512 MB default.
+    limit = UPLOAD_EXPANSION * state.settings.max_body_bytes
 
     def store_it() -> ModelRecord:
-        ckpt = model_from_bytes(data)  # CheckpointError -> 422 saying what is wrong
+        ckpt = model_from_bytes(data, max_bytes=limit)  # CheckpointError -> 422 saying why
         p = ckpt.params
         return state.store.add_model(
             name or str(ckpt.extra.get("name") or "uploaded"),

@@ -269,12 +269,31 @@ def repacked(change: dict[str, np.ndarray], meta_change: dict[str, Any] | None =
     return zipped({**members, "meta.npy": npy(np.array(json.dumps(meta)))})
 
 
-def zip_bomb() -> bytes:
-    """A valid archive whose directory claims a member inflates to ~2 GB."""
+def zip_bomb(claimed: int = 0x7FFF_FFF0) -> bytes:
+    """A valid archive whose directory claims a member inflates to ``claimed`` bytes."""
     data = bytearray(good_npz())
     (cd_offset,) = struct.unpack("<I", data[-6:-2])
-    data[cd_offset + 24 : cd_offset + 28] = struct.pack("<I", 0x7FFF_FFF0)
+    data[cd_offset + 24 : cd_offset + 28] = struct.pack("<I", claimed)
     return bytes(data)
+
+
+def test_an_upload_may_expand_at_most_4x_the_body_limit(tmp_path: Path) -> None:
+    """Under the loader's 512 MB default but far over the upload's own cap: refused
+    before anything is inflated, so a small body cannot make the server allocate much."""
+
+    async def go() -> None:
+        async with client(tmp_path, max_body_bytes=1_000_000) as c:
+            headers = {"content-type": "application/octet-stream"}
+            r = await c.post("/models", content=zip_bomb(50_000_000), headers=headers)
+            refused(r, 422, "invalid_checkpoint", "uncompress", "4000000")
+            ok = await c.post("/models", content=good_npz(), headers=headers)
+            assert ok.status_code == 201, ok.text
+            r = await c.post(
+                "/models", content=good_npz(), headers=headers, params={"name": "a\x00b"}
+            )
+            refused(r, 422, "invalid", "nul")
+
+    run(go())
 
 
 def bad_npz(kind: str) -> bytes:
