@@ -1,0 +1,516 @@
+"""PostgresStore: the SQLite store's behaviour, plus what distributed workers coordinate with.
+
+Needs a PostgreSQL server (``CHARNN_TEST_PG_URL``, default the local one with
+trust auth): skipped when none answers, except in CI, which has one. Each test
+session works in a fresh database, dropped at the end; each test in a fresh
+schema of it (``PostgresStore(schema=...)``).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from app.store import MetricPoint, Store, StoreError, valid_id
+from app.store_pg import PG_SCHEMA_VERSION, PostgresStore
+
+from .test_store import (
+    BAD_IDS,
+    HYPER,
+    _job,
+    _model,
+    test_ids_are_uuid_hex,
+    test_list_filter_paginate_newest_first,
+    test_metrics_idempotent_and_ordered,
+    test_metrics_non_finite_loss,
+    test_satisfies_protocol,
+    test_update_job,
+    test_update_job_rejects_unknown_fields,
+)
+
+# The backend-agnostic SQLite tests, collected here with this module's `store` fixture.
+REUSED = (
+    test_ids_are_uuid_hex,
+    test_list_filter_paginate_newest_first,
+    test_metrics_idempotent_and_ordered,
+    test_metrics_non_finite_loss,
+    test_satisfies_protocol,
+    test_update_job,
+    test_update_job_rejects_unknown_fields,
+)
+
+SERVER_URL = os.environ.get("CHARNN_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def _server_unreachable() -> str | None:
+    try:
+        psycopg.connect(SERVER_URL, connect_timeout=2).close()
+    except psycopg.Error as exc:
+        return f"PostgreSQL unreachable at {SERVER_URL}: {str(exc).strip()}"
+    return None
+
+
+_why = _server_unreachable()
+if _why is not None:
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{_why} (CI must run the PostgreSQL store tests)", pytrace=False)
+    pytest.skip(_why, allow_module_level=True)
+
+
+def _with_dbname(url: str, dbname: str) -> str:
+    return make_conninfo(url, dbname=dbname)
+
+
+def _create_database() -> tuple[str, str]:
+    name = f"charnn_test_{uuid.uuid4().hex}"
+    with psycopg.connect(SERVER_URL, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return name, _with_dbname(SERVER_URL, name)
+
+
+def _drop_database(name: str) -> None:
+    with psycopg.connect(SERVER_URL, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    name, url = _create_database()
+    try:
+        yield url
+    finally:
+        _drop_database(name)
+
+
+@pytest.fixture
+def schema() -> str:
+    return f"t_{uuid.uuid4().hex}"
+
+
+@pytest.fixture
+def store(pg_url: str, schema: str) -> Iterator[PostgresStore]:
+    s = PostgresStore(pg_url, schema=schema)
+    yield s
+    s.close()
+
+
+def _sql(pg_url: str, schema: str, query: str, *params: Any) -> list[tuple[Any, ...]]:
+    """Run SQL behind the store's back (e.g. to age a heartbeat)."""
+    with psycopg.connect(pg_url, autocommit=True, options=f"-c search_path={schema}") as conn:
+        cur = conn.execute(query.encode(), params)
+        return cur.fetchall() if cur.description is not None else []
+
+
+def _age_heartbeat(pg_url: str, schema: str, job_id: str, seconds: float) -> None:
+    _sql(
+        pg_url,
+        schema,
+        "UPDATE charnn_jobs SET heartbeat_at = heartbeat_at - %s WHERE id = %s",
+        seconds,
+        job_id,
+    )
+
+
+def _in_threads(n: int, fn: Any) -> list[Any]:
+    """Run fn(i) in n threads released at once; their results, re-raising any error."""
+    barrier = threading.Barrier(n)
+    results: list[Any] = [None] * n
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            barrier.wait()
+            results[i] = fn(i)
+        except BaseException as exc:  # re-raised below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+# -- the Store protocol ----------------------------------------------------------
+
+
+def test_pg_satisfies_protocol(store: PostgresStore) -> None:
+    s: Store = store  # mypy checks the structural match
+    assert s.count_jobs() == 0
+
+
+def test_create_and_get_job(store: PostgresStore) -> None:
+    job = store.create_job("tiny", "héllo\nwörld", HYPER, seed=7, init_from="m1", vocab_size=9)
+    assert valid_id(job.id) and job.status == "queued"
+    assert (job.name, job.seed, job.init_from, job.vocab_size) == ("tiny", 7, "m1", 9)
+    assert job.corpus_chars == len("héllo\nwörld") and job.hyperparameters == HYPER
+    assert job.step == 0 and job.started_at is None and job.model_id is None
+    assert store.get_job(job.id) == job
+    assert store.read_corpus(job.id) == "héllo\nwörld"
+    assert store.read_state(job.id) is None
+    store.write_state(job.id, b"\x00state")
+    assert store.read_state(job.id) == b"\x00state"
+    store.write_state(job.id, b"newer")
+    assert store.read_state(job.id) == b"newer"
+    assert store.get_job("0" * 32) is None and store.read_corpus("0" * 32) is None
+    store.write_state("0" * 32, b"x")  # unknown job: nothing stored, no error
+    assert store.read_state("0" * 32) is None
+
+
+def test_bad_corpus_or_name_writes_nothing(store: PostgresStore) -> None:
+    with pytest.raises(UnicodeEncodeError):
+        _job(store, corpus="lone \ud800 surrogate")
+    with pytest.raises(ValueError, match="NUL"):
+        _job(store, corpus="a\x00b")
+    with pytest.raises(ValueError, match="NUL"):
+        _job(store, name="a\x00b")
+    with pytest.raises(ValueError, match="NUL"):
+        _model(store, name="a\x00b")
+    assert store.count_jobs() == 0 and store.count_models() == 0
+
+
+def test_file_paths_are_not_available(store: PostgresStore) -> None:
+    job = _job(store)
+    for method in (store.corpus_path, store.state_path, store.model_path):
+        with pytest.raises(NotImplementedError, match="read_corpus/read_state/read_model_bytes"):
+            method(job.id)
+
+
+def test_models_add_resolve_delete(store: PostgresStore) -> None:
+    job = _job(store)
+    first = _model(store, "shakespeare", b"first", job_id=job.id)
+    other = _model(store, "other", b"other")
+    second = _model(store, "shakespeare", b"second!")
+    assert first.size_bytes == 5 and second.size_bytes == 7
+    assert first.job_id == job.id and first.vocab == ["a", "b"]
+    assert first.metrics == {"val_loss": 1.5} and first.hyperparameters == HYPER
+    assert store.get_model(first.id) == first
+    assert store.read_model_bytes(first.id) == b"first"
+    assert store.resolve_model(first.id) == first
+    assert store.resolve_model("shakespeare") == second  # newest of that name wins
+    assert store.resolve_model("nope") is None and store.resolve_model("a\x00") is None
+    assert store.newest_model() == second
+    assert [m.name for m in store.list_models()] == ["shakespeare", "other", "shakespeare"]
+    assert store.list_models(limit=1, offset=1) == [other]
+    assert store.count_models() == 3
+    with pytest.raises(ValueError):
+        store.list_models(offset=-1)
+
+    assert store.delete_model(second.id) is True
+    assert store.get_model(second.id) is None and store.read_model_bytes(second.id) is None
+    assert store.resolve_model("shakespeare") == first
+    assert store.delete_model(second.id) is False
+    assert store.count_models() == 2
+
+
+def test_model_bytes_round_trip_large(store: PostgresStore) -> None:
+    data = os.urandom(8 << 20)
+    model = _model(store, data=data)
+    assert model.size_bytes == len(data)
+    assert store.read_model_bytes(model.id) == data
+
+
+@pytest.mark.parametrize("bad", BAD_IDS)
+def test_bad_ids_are_not_found(store: PostgresStore, bad: str) -> None:
+    _job(store)
+    _model(store)
+    assert store.get_job(bad) is None
+    assert store.update_job(bad, step=3) is None
+    assert store.read_corpus(bad) is None and store.read_state(bad) is None
+    store.write_state(bad, b"x")
+    assert store.add_metrics(bad, [MetricPoint(1, 0.1, 1.0)]) == 0
+    assert store.get_metrics(bad) == []
+    assert store.get_model(bad) is None
+    assert store.read_model_bytes(bad) is None
+    assert store.delete_model(bad) is False
+    assert store.resolve_model(bad) is None
+    assert store.claim_job(bad, "w", 10) is None
+    assert store.heartbeat(bad, "w") == (False, False)
+    assert store.request_cancel(bad) is None
+    assert store.count_models() == 1 and store.count_jobs() == 1
+
+
+def test_durable_across_instances(pg_url: str, schema: str) -> None:
+    with PostgresStore(pg_url, schema=schema) as first:
+        job = _job(first)
+        first.update_job(job.id, status="succeeded", step=5)
+        first.add_metrics(job.id, [MetricPoint(5, 1.0, 2.0, 2.5)])
+        model = _model(first, "kept", b"bytes", job_id=job.id)
+    with PostgresStore(pg_url, schema=schema) as second:  # schema creation is idempotent
+        got = second.get_job(job.id)
+        assert got is not None and got.status == "succeeded" and got.step == 5
+        assert second.get_metrics(job.id) == [MetricPoint(5, 1.0, 2.0, 2.5)]
+        assert second.resolve_model("kept") == model
+        assert second.read_model_bytes(model.id) == b"bytes"
+        assert second.models_version == 1
+    assert _sql(pg_url, schema, "SELECT schema_version FROM charnn_meta") == [(PG_SCHEMA_VERSION,)]
+
+
+def test_newer_schema_refused(pg_url: str, schema: str) -> None:
+    PostgresStore(pg_url, schema=schema).close()
+    _sql(pg_url, schema, "UPDATE charnn_meta SET schema_version = 99")
+    with pytest.raises(StoreError, match="schema version 99"):
+        PostgresStore(pg_url, schema=schema)
+
+
+def test_bad_arguments(pg_url: str) -> None:
+    with pytest.raises(ValueError, match="schema"):
+        PostgresStore(pg_url, schema="x; DROP TABLE y")
+    with pytest.raises(ValueError, match="pool_size"):
+        PostgresStore(pg_url, pool_size=0)
+
+
+def test_unreachable_server_fails_fast() -> None:
+    with pytest.raises(psycopg.OperationalError):
+        PostgresStore("postgresql://postgres@127.0.0.1:1/postgres?connect_timeout=2")
+
+
+def test_writable(store: PostgresStore, pg_url: str, schema: str) -> None:
+    assert store.writable() is True
+    assert store.writable() is True  # the probe leaves no transaction or lock behind
+    read_only = make_conninfo(pg_url, options="-c default_transaction_read_only=on")
+    ro = PostgresStore(read_only, schema=schema)  # the URL's options and the schema's combine
+    try:
+        assert ro.count_jobs() == 0  # reads work
+        assert ro.writable() is False
+    finally:
+        ro.close()
+
+
+def test_not_writable_when_closed(store: PostgresStore) -> None:
+    store.close()
+    store.close()  # idempotent
+    assert store.writable() is False
+    with pytest.raises(StoreError, match="closed"):
+        store.count_jobs()
+
+
+def test_reconnects_after_connections_are_killed(store: PostgresStore, pg_url: str) -> None:
+    job = _job(store)
+    _in_threads(4, lambda i: store.count_jobs())  # several pooled connections
+    dbname = conninfo_to_dict(pg_url)["dbname"]
+    killed = _sql(
+        pg_url,
+        "public",
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        "WHERE datname = %s AND application_name = 'charnn' AND pid <> pg_backend_pid()",
+        dbname,
+    )
+    assert killed
+    assert store.get_job(job.id) == job  # a broken connection is replaced once
+    assert store.update_job(job.id, step=2) is not None
+    assert store.count_jobs() == 1
+
+
+def test_concurrent_threads(store: PostgresStore) -> None:
+    def work(n: int) -> None:
+        for i in range(10):
+            job = _job(store, f"t{n}-{i}", corpus=f"corpus {n} {i}")
+            store.update_job(job.id, status="running", step=i)
+            store.add_metrics(job.id, [MetricPoint(i, 0.1, 1.0)])
+            store.list_jobs(limit=5)
+            store.count_active()
+            model = _model(store, f"m{n}", f"{n}-{i}".encode())
+            assert store.read_model_bytes(model.id) == f"{n}-{i}".encode()
+            if i % 2:
+                assert store.delete_model(model.id)
+            assert store.writable()
+
+    _in_threads(8, work)
+    assert store.count_jobs() == 80 and store.count_active() == 80
+    assert store.count_models() == 40
+    assert store.models_version == 120  # 80 inserts + 40 deletes, none lost
+
+
+# -- models_version --------------------------------------------------------------
+
+
+def test_models_version_shared_between_replicas(pg_url: str, schema: str) -> None:
+    with (
+        PostgresStore(pg_url, schema=schema) as a,
+        PostgresStore(pg_url, schema=schema) as b,
+    ):
+        assert a.models_version == b.models_version == 0
+        model = _model(a)
+        assert a.models_version == b.models_version == 1
+        assert b.delete_model(model.id) is True
+        assert a.models_version == b.models_version == 2
+        assert a.delete_model(model.id) is False  # nothing deleted, no bump
+        assert b.models_version == 2
+        _job(a)
+        a.update_job(a.list_jobs()[0].id, step=3)  # job writes do not bump it
+        assert b.models_version == 2
+
+
+# -- distributed execution -------------------------------------------------------
+
+
+def test_claim_job(store: PostgresStore) -> None:
+    job = _job(store)
+    claimed = store.claim_job(job.id, "w1", stale_after_s=30)
+    assert claimed is not None and claimed.status == "running" and claimed.id == job.id
+    assert claimed.started_at is not None and claimed.started_at >= job.created_at
+    assert store.get_job(job.id) == claimed
+    assert store.claim_job(job.id, "w2", stale_after_s=30) is None  # live heartbeat
+    assert store.claim_job(job.id, "w1", stale_after_s=30) is None  # even by its owner
+    assert store.count_queued() == 0
+    store.update_job(job.id, status="succeeded")
+    assert store.claim_job(job.id, "w2", stale_after_s=0) is None  # finished
+    assert store.claim_job("0" * 32, "w2", stale_after_s=0) is None
+
+
+@pytest.mark.parametrize("replicas", [1, 4])
+def test_claim_is_exclusive(pg_url: str, schema: str, replicas: int) -> None:
+    stores = [PostgresStore(pg_url, schema=schema) for _ in range(replicas)]
+    try:
+        jobs = [_job(stores[0], f"j{i}") for i in range(5)]
+        for job in jobs:
+            won = _in_threads(
+                8, lambda i, job=job: stores[i % replicas].claim_job(job.id, f"w{i}", 30)
+            )
+            winners = [w for w in won if w is not None]
+            assert len(winners) == 1
+            owner = f"w{won.index(winners[0])}"
+            assert stores[0].heartbeat(job.id, owner) == (True, False)
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_stale_takeover_and_heartbeat_ownership(
+    store: PostgresStore, pg_url: str, schema: str
+) -> None:
+    job = _job(store)
+    first = store.claim_job(job.id, "w1", stale_after_s=30)
+    assert first is not None
+    assert store.heartbeat(job.id, "w1") == (True, False)
+    assert store.heartbeat(job.id, "w2") == (False, False)
+    _age_heartbeat(pg_url, schema, job.id, 60)  # w1 died a minute ago
+    assert store.claim_job(job.id, "w2", stale_after_s=120) is None  # not stale for 120 s
+    second = store.claim_job(job.id, "w2", stale_after_s=30)
+    assert second is not None and second.status == "running"
+    assert second.started_at == first.started_at  # the first start is kept
+    assert store.heartbeat(job.id, "w1") == (False, False)  # w1 must stop writing
+    assert store.heartbeat(job.id, "w2") == (True, False)
+    store.update_job(job.id, status="succeeded")
+    assert store.heartbeat(job.id, "w2") == (False, False)  # finished: nobody owns it
+
+
+def test_heartbeat_refreshes(store: PostgresStore, pg_url: str, schema: str) -> None:
+    job = _job(store)
+    assert store.claim_job(job.id, "w1", stale_after_s=30) is not None
+    _age_heartbeat(pg_url, schema, job.id, 60)
+    assert store.heartbeat(job.id, "w1") == (True, False)  # refreshed: alive again
+    assert store.claim_job(job.id, "w2", stale_after_s=30) is None
+    assert store.requeue_stale(30) == []
+
+
+def test_request_cancel(store: PostgresStore) -> None:
+    queued, running, done = _job(store, "q"), _job(store, "r"), _job(store, "d")
+    assert store.claim_job(running.id, "w1", 30) is not None
+    store.update_job(done.id, status="succeeded", finished_at=5.0)
+
+    cancelled = store.request_cancel(queued.id)
+    assert cancelled is not None and cancelled.status == "cancelled"
+    assert cancelled.finished_at is not None
+    assert store.claim_job(queued.id, "w2", 0) is None  # a cancelled job is never claimed
+
+    flagged = store.request_cancel(running.id)
+    assert flagged is not None and flagged.status == "running" and flagged.finished_at is None
+    assert store.heartbeat(running.id, "w1") == (True, True)  # the worker learns of it
+    assert store.request_cancel(running.id) == flagged  # idempotent
+
+    unchanged = store.request_cancel(done.id)
+    assert unchanged is not None and unchanged == store.get_job(done.id)
+    assert (unchanged.status, unchanged.finished_at) == ("succeeded", 5.0)
+    assert store.request_cancel("0" * 32) is None
+
+
+def test_requeue_stale(store: PostgresStore, pg_url: str, schema: str) -> None:
+    a, b, c, d = (_job(store, n) for n in "abcd")
+    for job in (a, b, c):
+        assert store.claim_job(job.id, f"w-{job.name}", 30) is not None
+    _age_heartbeat(pg_url, schema, a.id, 100)
+    _age_heartbeat(pg_url, schema, c.id, 100)
+    assert store.requeue_stale(30) == [a.id, c.id]  # oldest first
+    assert store.requeue_stale(30) == []
+    assert [j.status for j in map(store.get_job, (a.id, b.id, c.id, d.id)) if j] == [
+        "queued",
+        "running",
+        "queued",
+        "queued",
+    ]
+    assert store.count_queued() == 3
+    assert store.heartbeat(a.id, "w-a") == (False, False)  # its old worker lost it
+    again = store.claim_job(a.id, "w-new", 30)
+    assert again is not None and again.status == "running"
+
+
+def test_requeue_stale_concurrent_callers(pg_url: str, schema: str) -> None:
+    stores = [PostgresStore(pg_url, schema=schema) for _ in range(4)]
+    try:
+        jobs = [_job(stores[0], f"j{i}") for i in range(40)]
+        for job in jobs:
+            assert stores[0].claim_job(job.id, "dead", 30) is not None
+        _sql(pg_url, schema, "UPDATE charnn_jobs SET heartbeat_at = heartbeat_at - 100")
+        got = _in_threads(8, lambda i: stores[i % 4].requeue_stale(30))
+        ids = [job_id for batch in got for job_id in batch]
+        assert sorted(ids) == sorted(j.id for j in jobs)  # each exactly once
+        assert stores[0].count_queued() == 40
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_jobs_to_resume_and_counts(store: PostgresStore) -> None:
+    a, b, c = _job(store, "a"), _job(store, "b"), _job(store, "c")
+    store.claim_job(b.id, "w", 30)
+    store.update_job(c.id, status="failed")
+    assert [j.name for j in store.jobs_to_resume()] == ["a", "b"]
+    assert store.count_queued() == 1 and store.count_active() == 2
+    assert a.created_at <= b.created_at <= c.created_at
+
+
+# -- schema creation from several processes ---------------------------------------
+
+
+def _construct(url: str, barrier: Any, results: Any) -> None:
+    try:
+        barrier.wait(timeout=60)
+        with PostgresStore(url) as s:
+            results.put(("ok", s.models_version))
+    except BaseException as exc:  # reported to the parent
+        results.put(("error", repr(exc)))
+
+
+def test_concurrent_schema_creation_from_processes() -> None:
+    name, url = _create_database()
+    try:
+        ctx = multiprocessing.get_context("spawn")
+        barrier, results = ctx.Barrier(4), ctx.Queue()
+        procs = [ctx.Process(target=_construct, args=(url, barrier, results)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        outcomes = [results.get(timeout=120) for _ in procs]
+        for p in procs:
+            p.join(timeout=60)
+        assert outcomes == [("ok", 0)] * 4
+        assert all(p.exitcode == 0 for p in procs)
+        with PostgresStore(url) as s:
+            assert s.count_jobs() == 0 and s.writable()
+    finally:
+        _drop_database(name)
