@@ -1,6 +1,7 @@
 """The ``charnn`` command line: serve, train and use models locally, or drive a server.
 
     charnn serve [--host --port --data-dir --reload]
+    charnn worker [--concurrency N --loglevel info]   (with CHARNN_BROKER_URL, CHARNN_DATABASE_URL)
     charnn train CORPUS.txt --out model.npz [--hidden-size ... --max-steps ...]
     charnn sample|predict|score model.npz ...
     charnn remote train|jobs|predict|generate|score|models|download|upload ... [--url URL]
@@ -127,25 +128,13 @@ def _postfix(train_loss: float | None, val_loss: float | None, cps: float | None
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
-    from pydantic import ValidationError
-    from pydantic_settings import SettingsError
-
-    from .settings import Settings
 
     if args.data_dir is not None:
         os.environ["CHARNN_DATA_DIR"] = str(args.data_dir)
-    try:
-        settings = Settings()
-    except ValidationError as e:
-        problems = "; ".join(
-            f"CHARNN_{'_'.join(map(str, err['loc'])).upper()}: {err['msg']}" for err in e.errors()
-        )
-        raise CliError(f"bad settings: {problems}") from None
-    except SettingsError as e:  # a value that is not even parseable, e.g. malformed JSON
-        raise CliError(f"bad settings: {e}") from None
+    settings = _settings()
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     print(
-        f"charnn: serving on http://{args.host}:{args.port} (data in {settings.data_dir}); "
+        f"charnn: serving on http://{args.host}:{args.port} ({_where(settings)}); "
         f"open http://{host}:{args.port}/ in a browser",
         file=sys.stderr,
         flush=True,
@@ -162,6 +151,68 @@ def cmd_serve(args: argparse.Namespace) -> int:
     uvicorn.run(
         "app.main:app", host=args.host, port=args.port, reload=args.reload, log_level=args.log_level
     )
+    return 0
+
+
+def _settings() -> Any:
+    """The service settings from the environment, or one line saying what is wrong."""
+    from pydantic import ValidationError
+    from pydantic_settings import SettingsError
+
+    from .settings import Settings
+
+    try:
+        return Settings()
+    except ValidationError as e:
+        problems = "; ".join(
+            f"CHARNN_{'_'.join(map(str, err['loc'])).upper()}: {err['msg']}"
+            if err["loc"]
+            else str(err["msg"]).removeprefix("Value error, ")
+            for err in e.errors()
+        )
+        raise CliError(f"bad settings: {problems}") from None
+    except SettingsError as e:  # a value that is not even parseable, e.g. malformed JSON
+        raise CliError(f"bad settings: {e}") from None
+
+
+def _where(settings: Any) -> str:
+    """Where the service keeps its data, for the banner (never a URL's password)."""
+    if not settings.distributed:
+        return f"data in {settings.data_dir}"
+    from urllib.parse import urlsplit
+
+    db = urlsplit(settings.database_url)
+    return f"data in PostgreSQL {db.hostname}{db.path}, jobs on Celery workers"
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """A Celery worker for app.tasks: trains the jobs that API replicas queue."""
+    import socket
+
+    if args.concurrency is not None:
+        os.environ["CHARNN_WORKER_CONCURRENCY"] = str(args.concurrency)
+    settings = _settings()
+    if not settings.distributed:
+        raise CliError(
+            "a worker needs CHARNN_BROKER_URL (Redis) and CHARNN_DATABASE_URL (PostgreSQL); "
+            "without them `charnn serve` runs jobs itself"
+        )
+    from .settings import get_settings
+
+    get_settings.cache_clear()  # app.tasks reads the environment as changed above
+    from .tasks import celery_app
+
+    # A distinct node name per process: two workers on one host must not collide.
+    name = args.name or f"charnn-{os.getpid()}@{socket.gethostname()}"
+    print(
+        f"charnn: worker {name} running up to {settings.worker_concurrency} job(s) at once",
+        file=sys.stderr,
+        flush=True,
+    )
+    argv = ["worker", f"--loglevel={args.loglevel}", f"--hostname={name}"]
+    argv += [f"--concurrency={settings.worker_concurrency}", "--without-mingle"]
+    argv += ["--without-gossip"]
+    celery_app.worker_main(argv)
     return 0
 
 
@@ -471,6 +522,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "worker",
+        help="run training jobs for API servers (needs CHARNN_BROKER_URL, CHARNN_DATABASE_URL)",
+    )
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="jobs at once (default $CHARNN_WORKER_CONCURRENCY or 1)",
+    )
+    p.add_argument(
+        "--loglevel", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
+    p.add_argument("--name", help="Celery node name (default charnn-<pid>@<host>)")
+    p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("train", help="train a model on a text file, locally (no server)")
     p.add_argument("corpus", help="UTF-8 text file ('-': standard input)")

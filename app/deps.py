@@ -11,7 +11,7 @@ from fastapi import Depends, Request
 from .errors import Unauthorized
 from .events import EventHub
 from .model_cache import ModelCache
-from .runner import ProcessRunner
+from .runner import Runner
 from .settings import Settings
 from .store import Store
 
@@ -20,7 +20,7 @@ from .store import Store
 class AppState:
     settings: Settings
     store: Store
-    runner: ProcessRunner
+    runner: Runner  # ProcessRunner (embedded) or CeleryRunner (scale-out)
     events: EventHub
     models: ModelCache
 

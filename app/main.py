@@ -3,7 +3,10 @@
     uvicorn app.main:app          # settings from CHARNN_* environment variables
 
 The factory does no I/O; the lifespan opens the store, starts the job runner
-(which resumes jobs interrupted by a crash) and stops both on shutdown.
+(which resumes jobs interrupted by a crash) and stops both on shutdown. With
+``CHARNN_DATABASE_URL`` and ``CHARNN_BROKER_URL`` set, the store is PostgreSQL
+and jobs run on Celery workers (app/distributed.py); otherwise SQLite and
+processes of this server.
 """
 
 from __future__ import annotations
@@ -22,9 +25,9 @@ from .events import EventHub
 from .limits import BodyLimitMiddleware
 from .model_cache import ModelCache
 from .routes import demo, health, jobs, models
-from .runner import ProcessRunner
+from .runner import ProcessRunner, Runner
 from .settings import Settings, get_settings
-from .store import SqliteStore
+from .store import SqliteStore, Store
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -34,18 +37,31 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # numpy in the API process: one BLAS thread, the cores are for training jobs.
         blas = threadpool_limits(settings.api_blas_threads)
-        store = SqliteStore(settings.data_dir)
         events = EventHub(asyncio.get_running_loop())
-        runner = ProcessRunner(
-            store,
-            max_concurrent_jobs=settings.max_concurrent_jobs,
-            max_queued_jobs=settings.max_queued_jobs,
-            job_threads=settings.job_threads,
-            job_nice=settings.job_nice,
-            checkpoint_every_s=settings.checkpoint_every_s,
-            on_event=events.publish,
-        )
-        runner.start()
+        store: Store
+        runner: Runner
+        if settings.distributed:
+            # Scale-out: shared PostgreSQL store, jobs on Celery workers, events over Redis.
+            from .distributed import CeleryRunner
+            from .store_pg import PostgresStore
+
+            assert settings.database_url is not None
+            shared = await asyncio.to_thread(PostgresStore, settings.database_url)
+            store = shared
+            runner = CeleryRunner(shared, settings, on_event=events.publish)
+            await asyncio.to_thread(runner.start)
+        else:
+            store = SqliteStore(settings.data_dir)
+            runner = ProcessRunner(
+                store,
+                max_concurrent_jobs=settings.max_concurrent_jobs,
+                max_queued_jobs=settings.max_queued_jobs,
+                job_threads=settings.job_threads,
+                job_nice=settings.job_nice,
+                checkpoint_every_s=settings.checkpoint_every_s,
+                on_event=events.publish,
+            )
+            runner.start()
         cache = ModelCache(store, settings.model_cache_size)
         app.state.charnn = AppState(settings, store, runner, events, cache)
         try:

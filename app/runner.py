@@ -29,7 +29,7 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.synchronize import Event
 from typing import Any, Protocol
 
-from .store import JobRecord, MetricPoint, Store
+from .store import JobRecord, MetricPoint, ModelRecord, Store
 from .worker import JobSpec, run_job
 
 log = logging.getLogger("charnn.runner")
@@ -43,11 +43,52 @@ class QueueFullError(Exception):
 
 
 class Runner(Protocol):
+    """What the routes and the lifespan use: ``ProcessRunner``, or ``CeleryRunner``
+    (app/distributed.py) when jobs run on Celery workers."""
+
     def start(self) -> None: ...
     def stop(self) -> None: ...
     def submit(self, job_id: str) -> None: ...
     def cancel(self, job_id: str) -> bool: ...
     def alive(self) -> bool: ...
+    def queued(self) -> int: ...
+
+
+def record_progress(store: Store, job_id: str, m: dict[str, Any]) -> None:
+    """Persist a ``progress`` message: the job's latest figures and one metric point.
+
+    Shared by every runner, so a job looks the same whichever one ran it."""
+    total = m.get("total_steps")
+    eta = None
+    if total and m["step"] and m["elapsed_s"]:
+        eta = m["elapsed_s"] / m["step"] * max(total - m["step"], 0)
+    store.update_job(
+        job_id,
+        step=m["step"],
+        total_steps=total,
+        train_loss=m["train_loss"],
+        val_loss=m.get("best_val_loss"),
+        chars_per_sec=m.get("chars_per_sec"),
+        eta_s=eta,
+    )
+    point = MetricPoint(m["step"], m["elapsed_s"], m["train_loss"], m.get("val_loss"))
+    store.add_metrics(job_id, [point])
+
+
+def store_model(store: Store, name: str, job_id: str, m: dict[str, Any]) -> ModelRecord:
+    """Store the model a ``succeeded`` message names (its ``model_file``) as a new model."""
+    with open(m["model_file"], "rb") as f:
+        data = f.read()
+    return store.add_model(
+        name,
+        job_id,
+        data,
+        m["hyperparameters"],
+        m["metrics"],
+        m["vocab"],
+        m["param_count"],
+        m["dtype"],
+    )
 
 
 def _job_main(spec: dict[str, Any], conn: Connection, stop: Event) -> None:
@@ -242,36 +283,10 @@ class ProcessRunner:
     def _handle(self, r: _Running, m: dict[str, Any]) -> None:
         job_id, kind = r.job.id, m.get("type")
         if kind == "progress":
-            total = m.get("total_steps")
-            cps = m.get("chars_per_sec")
-            eta = None
-            if total and m["step"] and m["elapsed_s"]:
-                eta = m["elapsed_s"] / m["step"] * max(total - m["step"], 0)
-            self.store.update_job(
-                job_id,
-                step=m["step"],
-                total_steps=total,
-                train_loss=m["train_loss"],
-                val_loss=m.get("best_val_loss"),
-                chars_per_sec=cps,
-                eta_s=eta,
-            )
-            point = MetricPoint(m["step"], m["elapsed_s"], m["train_loss"], m.get("val_loss"))
-            self.store.add_metrics(job_id, [point])
+            record_progress(self.store, job_id, m)
             self._emit(job_id, m)
         elif kind == "succeeded":
-            with open(m["model_file"], "rb") as f:
-                data = f.read()
-            model = self.store.add_model(
-                r.job.name,
-                job_id,
-                data,
-                m["hyperparameters"],
-                m["metrics"],
-                m["vocab"],
-                m["param_count"],
-                m["dtype"],
-            )
+            model = store_model(self.store, r.job.name, job_id, m)
             r.finished = True
             self._finish(job_id, "succeeded", model_id=model.id)
         elif kind == "failed":

@@ -11,7 +11,7 @@ import functools
 import os
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _JOB_THREADS = 2
@@ -111,10 +111,85 @@ class Settings(BaseSettings):
         description="BLAS threads for prediction requests in the API process.",
     )
 
-    @field_validator("api_key", mode="before")
+    database_url: str | None = Field(
+        default=None,
+        description=(
+            "PostgreSQL URL of the shared store (e.g. postgresql://user@db/charnn); set together "
+            "with broker_url to run jobs on Celery workers. Unset: SQLite in data_dir."
+        ),
+    )
+    broker_url: str | None = Field(
+        default=None,
+        description=(
+            "Redis URL of the Celery broker (e.g. redis://redis:6379/0), also used for job "
+            "events between machines; set together with database_url. Unset: jobs run in "
+            "processes of the API server."
+        ),
+    )
+    worker_concurrency: int = Field(
+        default=1,
+        ge=1,
+        le=256,
+        description="Training jobs each `charnn worker` runs at once (each uses one core).",
+    )
+    heartbeat_s: float = Field(
+        default=1.0,
+        gt=0,
+        le=60,
+        allow_inf_nan=False,
+        description=(
+            "Seconds between a worker's heartbeats for its running job; a cancellation "
+            "reaches the job within about this long."
+        ),
+    )
+    dead_after_s: float = Field(
+        default=10.0,
+        gt=0,
+        allow_inf_nan=False,
+        description=(
+            "A running job whose worker has not sent a heartbeat for this many seconds is "
+            "re-queued and resumes from its checkpoint on another worker."
+        ),
+    )
+    visibility_timeout_s: int = Field(
+        default=3600,
+        ge=60,
+        description=(
+            "Redis broker visibility timeout: an unacknowledged job message is delivered "
+            "again after this many seconds (duplicates are harmless; heartbeats re-queue "
+            "a dead worker's job sooner)."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _both_urls_or_neither(self) -> Settings:
+        # Workers on other machines need the shared store, and the embedded runner
+        # needs the local files of the SQLite store: a half-configured pair is a mistake.
+        if (self.database_url is None) != (self.broker_url is None):
+            given, missing = (
+                ("database_url", "broker_url")
+                if self.broker_url is None
+                else ("broker_url", "database_url")
+            )
+            raise ValueError(
+                f"{given} is set but {missing} is not: set both CHARNN_DATABASE_URL and "
+                "CHARNN_BROKER_URL to run jobs on Celery workers with a shared PostgreSQL "
+                "store, or neither for the embedded runner"
+            )
+        if self.dead_after_s <= self.heartbeat_s:
+            raise ValueError("dead_after_s must be longer than heartbeat_s")
+        return self
+
+    @property
+    def distributed(self) -> bool:
+        """Jobs run on Celery workers and state lives in PostgreSQL."""
+        return self.database_url is not None
+
+    @field_validator("api_key", "database_url", "broker_url", mode="before")
     @classmethod
-    def _empty_key_is_none(cls, value: object) -> object:
-        # ``CHARNN_API_KEY=`` (as compose files often leave it) means "no key", not "the empty key".
+    def _empty_is_none(cls, value: object) -> object:
+        # ``CHARNN_API_KEY=`` (as compose files often leave it) means "no key", not "the empty
+        # key"; likewise an empty URL means "not set".
         if isinstance(value, str) and not value.strip():
             return None
         return value

@@ -60,6 +60,13 @@ COVERED_ELSEWHERE = {
     "python3 -m venv .venv && . .venv/bin/activate": ".ci/run",
     "pip install -e '.[dev]' && python -m pytest": ".ci/run (tests/test_repo.py keeps them equal)",
     "docker build -t charnn .": ".ci/docker-check builds the same Dockerfile with buildah",
+    "export CHARNN_DATABASE_URL=postgresql://charnn:charnn@db-host:5432/charnn": (
+        "tests/test_scale_out.py starts API replicas and workers with these settings "
+        "(pointing at this machine's PostgreSQL and Redis)"
+    ),
+    "export CHARNN_BROKER_URL=redis://redis-host:6379/0": "tests/test_scale_out.py",
+    "charnn serve --host 0.0.0.0": "tests/test_scale_out.py (two API replicas)",
+    "charnn worker": "tests/test_scale_out.py (two workers, one killed with SIGKILL)",
     "docker run -p 8000:8000 -v charnn-data:/data charnn": (
         ".ci/docker-check runs the image's CMD and checks /healthz, the user and SIGTERM"
     ),
@@ -87,7 +94,7 @@ def test_every_readme_command_is_exercised() -> None:
 
 
 def test_quick_start_starts_the_service_with_charnn_serve() -> None:
-    serve = block_with("charnn serve")
+    serve = block_with("pip install -e . && charnn serve")
     assert commands(serve)[-1].endswith("&& charnn serve")
     assert "open http://127.0.0.1:8000/ in a browser" in README.replace("\n", " ")
 

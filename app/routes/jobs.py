@@ -179,6 +179,8 @@ def _create(state: AppState, body: JobCreate, response: Response) -> JobOut:
         raise Invalid("corpus contains lone UTF-16 surrogates (e.g. \\ud800)") from None
     if "\x00" in corpus:
         raise Invalid("corpus contains NUL characters")
+    if body.name is not None and "\x00" in body.name:
+        raise Invalid("name must not contain NUL characters")
     if not corpus.strip():
         raise Invalid("the corpus is empty or only whitespace")
     hp = body.hyperparameters.model_dump()
@@ -333,6 +335,12 @@ async def job_events(job_id: str, state: StateDep) -> StreamingResponse:
                 try:
                     m = await asyncio.wait_for(queue.get(), timeout=15)
                 except TimeoutError:
+                    # An event missed (e.g. a scale-out replica's Redis subscription
+                    # reconnecting) must not leave the stream open forever: ask the store.
+                    now = await run_in_threadpool(_get, state, job_id)
+                    if now.status in TERMINAL:
+                        yield sse_event("status", job_out(now).model_dump(), now.step)
+                        return
                     yield ": keep-alive\n\n"
                     continue
                 if m.get("type") == "progress":

@@ -122,6 +122,7 @@ JOB_JSON: list[tuple[str, Any, int, str | None, tuple[str, ...]]] = [
     ("seed negative", {"corpus": OK, "seed": -1}, 422, "invalid", ("seed", "greater than")),
     ("seed bool", {"corpus": OK, "seed": False}, 422, "invalid", ("seed", "valid integer")),
     ("name too long", {"corpus": OK, "name": "n" * 201}, 422, "invalid", ("name", "200")),
+    ("NUL in the name", {"corpus": OK, "name": "a\x00b"}, 422, "invalid", ("name", "NUL")),
     (
         "NaN learning_rate",
         raw_json(f'{{"corpus": "{OK}", "hyperparameters": {{"learning_rate": NaN}}}}'),
