@@ -536,16 +536,7 @@ class SqliteStore:
             "WHERE job_id = ? AND step > ? ORDER BY step",
             (job_id, after_step),
         )
-        return [
-            MetricPoint(
-                step=r["step"],
-                elapsed_s=r["elapsed_s"],
-                # NaN/inf were stored as NULL; a diverged point still has a (nan) loss.
-                train_loss=math.nan if r["train_loss"] is None else r["train_loss"],
-                val_loss=r["val_loss"],
-            )
-            for r in rows
-        ]
+        return [_metric_point(r) for r in rows]
 
     # -- models -----------------------------------------------------------------
 
@@ -683,6 +674,17 @@ class SqliteStore:
         """Close the database connection; idempotent."""
         with self._lock:
             self._conn.close()
+
+
+def _metric_point(r: sqlite3.Row | Mapping[str, Any]) -> MetricPoint:
+    """A metrics row (SQLite's or PostgreSQL's, both indexable by name) as a point."""
+    return MetricPoint(
+        step=r["step"],
+        elapsed_s=r["elapsed_s"],
+        # NaN/inf were stored as NULL; a diverged point still has a (nan) loss.
+        train_loss=math.nan if r["train_loss"] is None else r["train_loss"],
+        val_loss=r["val_loss"],
+    )
 
 
 def _finite_or_none(value: Any) -> Any:

@@ -30,7 +30,6 @@ advisory lock, so any number of processes may start at once.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import threading
@@ -57,6 +56,7 @@ from app.store import (
     _check_status,
     _dump,
     _finite_or_none,
+    _metric_point,
     _new_id,
     valid_id,
 )
@@ -653,16 +653,7 @@ class PostgresStore:
             "WHERE job_id = %s AND step > %s ORDER BY step",
             (job_id, after_step),
         )
-        return [
-            MetricPoint(
-                step=r["step"],
-                elapsed_s=r["elapsed_s"],
-                # NaN/inf were stored as NULL; a diverged point still has a (nan) loss.
-                train_loss=math.nan if r["train_loss"] is None else r["train_loss"],
-                val_loss=r["val_loss"],
-            )
-            for r in rows
-        ]
+        return [_metric_point(r) for r in rows]
 
     # -- models -----------------------------------------------------------------
 
