@@ -33,13 +33,15 @@ WORKDIR /src
 # long description), app/, model/ and, if present, wheels/.
 COPY . /src
 
+# With the `scale` extra: the same image runs `charnn serve` and `charnn worker`
+# (docker-compose.yml).
 RUN set -eu; \
     if [ -z "${PIP_FIND_LINKS}" ] && [ -d /src/wheels ]; then \
         PIP_FIND_LINKS=/src/wheels; export PIP_FIND_LINKS; \
     fi; \
     python3 -m venv /opt/venv; \
-    /opt/venv/bin/python -m pip install --no-cache-dir /src; \
-    /opt/venv/bin/python -c "import app.cli, app.main"
+    /opt/venv/bin/python -m pip install --no-cache-dir "/src[scale]"; \
+    /opt/venv/bin/python -c "import app.cli, app.main, celery, psycopg"
 
 FROM ${BASE} AS runtime
 
