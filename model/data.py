@@ -9,12 +9,19 @@ import numpy as np
 from .errors import CorpusError
 
 
+def split_lengths(n: int, val_fraction: float) -> tuple[int, int]:
+    """(train, validation) sizes of :func:`split` for a corpus of ``n`` characters,
+    without encoding it (a server sizes a request's corpus this way)."""
+    n_val = int(n * val_fraction)
+    if n_val < 2:
+        return n, 0
+    return n - n_val, n_val
+
+
 def split(ids: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
     """Train on the head, validate on the tail ``val_fraction`` of the corpus."""
-    n_val = int(len(ids) * val_fraction)
-    if n_val < 2:
-        return ids, ids[:0]
-    return ids[: len(ids) - n_val], ids[len(ids) - n_val :]
+    n_train, _ = split_lengths(len(ids), val_fraction)
+    return ids[:n_train], ids[n_train:]
 
 
 def check_trainable(n_chars: int, n_distinct: int, seq_length: int) -> None:

@@ -12,7 +12,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 from starlette.datastructures import FormData, UploadFile
 
-from model.data import check_trainable, split
+from model.data import check_trainable, split_lengths
 from model.errors import UnknownCharactersError
 from model.params import hidden_size_for
 from model.train import TrainConfig
@@ -197,8 +197,11 @@ def _create(state: AppState, body: JobCreate, response: Response) -> JobOut:
     else:
         vocab = Vocab.from_text(corpus)
     config = TrainConfig.from_dict({**hp, "seed": body.seed})  # ConfigError -> 422
-    train_ids, _ = split(vocab.encode(corpus), config.val_fraction)
-    check_trainable(len(train_ids), len(set(corpus)), config.seq_length)  # CorpusError -> 422
+    # Sized, not encoded: the job process encodes the corpus; a 10M-character request
+    # need not pay for it twice. A fine-tuning vocabulary may hold more than the corpus.
+    n_train, _ = split_lengths(len(corpus), config.val_fraction)
+    n_distinct = len(Vocab.from_text(corpus)) if init_id is not None else len(vocab)
+    check_trainable(n_train, n_distinct, config.seq_length)  # CorpusError -> 422
 
     if state.runner.queued() >= state.settings.max_queued_jobs:
         raise QueueFull(
