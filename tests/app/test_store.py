@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from app import store as store_module
-from app.store import JobRecord, MetricPoint, SqliteStore, Store, valid_id
+from app.store import JobRecord, MetricPoint, ModelRecord, SqliteStore, Store, valid_id
 
 HYPER = {"hidden_size": 32, "seq_length": 16, "learning_rate": 0.01}
 BAD_IDS = ["../../etc/passwd", "A" * 1000, "abc\x00", "", "0" * 31, "0" * 32 + "\n", "F" * 32]
@@ -138,7 +138,9 @@ def test_metrics_non_finite_loss(store: SqliteStore) -> None:
     assert math.isnan(point.train_loss)
 
 
-def test_models_add_resolve_delete(store: SqliteStore) -> None:
+def add_three_models(store: Store) -> tuple[ModelRecord, ModelRecord]:
+    """Two models named "shakespeare" and one "other", checked through every read; the
+    first and the second "shakespeare". Shared by the SQLite and PostgreSQL tests."""
     job = _job(store)
     first = _model(store, "shakespeare", b"first", job_id=job.id)
     other = _model(store, "other", b"other")
@@ -155,6 +157,11 @@ def test_models_add_resolve_delete(store: SqliteStore) -> None:
     assert [m.name for m in store.list_models()] == ["shakespeare", "other", "shakespeare"]
     assert store.list_models(limit=1, offset=1) == [other]
     assert store.count_models() == 3
+    return first, second
+
+
+def test_models_add_resolve_delete(store: SqliteStore) -> None:
+    first, second = add_three_models(store)
 
     path = store.model_path(second.id)
     assert path is not None and path.read_bytes() == b"second!"

@@ -28,6 +28,7 @@ from .test_store import (
     HYPER,
     _job,
     _model,
+    add_three_models,
     test_ids_are_uuid_hex,
     test_list_filter_paginate_newest_first,
     test_metrics_idempotent_and_ordered,
@@ -191,22 +192,8 @@ def test_file_paths_are_not_available(store: PostgresStore) -> None:
 
 
 def test_models_add_resolve_delete(store: PostgresStore) -> None:
-    job = _job(store)
-    first = _model(store, "shakespeare", b"first", job_id=job.id)
-    other = _model(store, "other", b"other")
-    second = _model(store, "shakespeare", b"second!")
-    assert first.size_bytes == 5 and second.size_bytes == 7
-    assert first.job_id == job.id and first.vocab == ["a", "b"]
-    assert first.metrics == {"val_loss": 1.5} and first.hyperparameters == HYPER
-    assert store.get_model(first.id) == first
-    assert store.read_model_bytes(first.id) == b"first"
-    assert store.resolve_model(first.id) == first
-    assert store.resolve_model("shakespeare") == second  # newest of that name wins
-    assert store.resolve_model("nope") is None and store.resolve_model("a\x00") is None
-    assert store.newest_model() == second
-    assert [m.name for m in store.list_models()] == ["shakespeare", "other", "shakespeare"]
-    assert store.list_models(limit=1, offset=1) == [other]
-    assert store.count_models() == 3
+    first, second = add_three_models(store)
+    assert store.resolve_model("a\x00") is None
     with pytest.raises(ValueError):
         store.list_models(offset=-1)
 
