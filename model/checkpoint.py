@@ -17,15 +17,18 @@ the counters, losses and config in ``meta``.
 Both are plain ``np.savez`` archives, readable with
 ``np.load(path, allow_pickle=False)`` from any language with a zip and .npy
 reader. Files come from users, so loading trusts nothing: every problem (not a
-zip, zip bomb, pickled or non-float arrays, wrong shapes, NaN, bad or newer
-meta, ...) is a ``CheckpointError`` that says what is wrong and what was
-expected. Saving runs the same checks, so a file that was saved can be loaded.
+zip, zip bomb, thousands of members, malformed .npy headers, pickled or
+non-float arrays, wrong shapes, NaN, bad or newer meta, text that UTF-8 cannot
+encode, ...) is a ``CheckpointError`` that says what is wrong and what was
+expected; tests/model/test_checkpoint_fuzz.py holds the loaders to it. Saving
+runs the same checks, so a file that was saved can be loaded.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import lzma
 import math
 import os
 import re
@@ -63,12 +66,17 @@ _FORMAT_HINTS = {
 # Meta keys the model format owns; everything else round-trips through ``extra``.
 _MODEL_META_KEYS = ("format", "format_version", "dtype", "vocab", "hyperparameters", "metrics")
 _MAX_NPY_HEADER = 10_000  # numpy's own default limit
+# A training state has at most 14 members (5 weights, 5 best, 2 optimizer, hidden, meta);
+# refusing more before any per-member work keeps a million-entry zip cheap to refuse.
+_MAX_MEMBERS = 64
+_MAX_INT = 2**63 - 1  # meta counters must fit the int64 (SQLite) columns they end up in
 _READ_ERRORS = (
     OSError,
     EOFError,
     ValueError,
     zipfile.BadZipFile,
     zlib.error,
+    lzma.LZMAError,  # a corrupt LZMA-compressed member
     NotImplementedError,  # unsupported zip compression method
     RuntimeError,  # encrypted zip member
     MemoryError,
@@ -221,7 +229,7 @@ def _state_from_parts(arrays: Mapping[str, np.ndarray], meta: dict[str, Any]) ->
     _check_config_types(raw_config)
     try:
         config = TrainConfig.from_dict(raw_config)
-    except (ConfigError, TypeError, ValueError) as e:
+    except (ConfigError, TypeError, ValueError, OverflowError) as e:  # Overflow: 10**400
         _fail(f"meta.config is not a valid training configuration: {e}")
 
     opt_keys = set(init_state(config.optimizer, 0, np.dtype(np.float64)))
@@ -341,11 +349,13 @@ def _read_npz(data: bytes, max_bytes: int) -> dict[str, np.ndarray]:
 
 
 def _check_members(infos: list[zipfile.ZipInfo], max_bytes: int) -> None:
+    if len(infos) > _MAX_MEMBERS:
+        _fail(f"archive has {len(infos)} members; a charnn checkpoint has at most {_MAX_MEMBERS}")
     names = [info.filename for info in infos]
     bad = [n for n in names if not n.endswith(".npy")]
     if bad:
         _fail(f"archive members must all be .npy arrays; found {bad[:5]}")
-    dupes = sorted({n for n in names if names.count(n) > 1})
+    dupes = sorted(n for n, count in Counter(names).items() if count > 1)
     if dupes:
         _fail(f"archive has duplicate members {dupes[:5]}")
     total = sum(info.file_size for info in infos)
@@ -358,20 +368,34 @@ def _check_members(infos: list[zipfile.ZipInfo], max_bytes: int) -> None:
 
 def _check_npy_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> None:
     name = info.filename[: -len(".npy")]
-    with zf.open(info) as f:
-        version = np.lib.format.read_magic(f)
+    with zf.open(info) as f:  # archive errors (CRC, inflate, ...) propagate as such
+        head = f.read(12 + _MAX_NPY_HEADER)  # magic, version, length, longest header accepted
+    # numpy parses the header text as a Python literal: besides ValueError it can raise
+    # SyntaxError, tokenize.TokenError, TypeError, MemoryError, RecursionError, ... on
+    # crafted text. Every one of them means a malformed header.
+    try:
+        buf = io.BytesIO(head)
+        version = np.lib.format.read_magic(buf)
         if version == (1, 0):
-            shape, _, dtype = np.lib.format.read_array_header_1_0(f, _MAX_NPY_HEADER)
+            header = np.lib.format.read_array_header_1_0(buf, _MAX_NPY_HEADER)
         elif version == (2, 0):
-            shape, _, dtype = np.lib.format.read_array_header_2_0(f, _MAX_NPY_HEADER)
+            header = np.lib.format.read_array_header_2_0(buf, _MAX_NPY_HEADER)
         else:
-            _fail(f"array {name!r} uses .npy format version {version}; expected 1.0 or 2.0")
+            header = None
+    except Exception as e:
+        _fail(f"array {name!r} has a malformed .npy header: {type(e).__name__}: {e}")
+    if header is None:
+        _fail(f"array {name!r} uses .npy format version {version}; expected 1.0 or 2.0")
+    shape, _, dtype = header
+    if any(d < 0 for d in shape):
+        _fail(f"array {name!r} declares a negative dimension in shape {shape}")
     if dtype.hasobject:
         _fail(
             f"array {name!r} is an object array, which would need pickle to load; "
             "checkpoints hold only numeric arrays and are never unpickled"
         )
-    if math.prod(shape) * dtype.itemsize > info.file_size:
+    # max(.., 1): a zero-size dtype with a huge shape would still allocate the shape
+    if math.prod(shape) * max(dtype.itemsize, 1) > info.file_size:
         _fail(f"array {name!r} declares shape {shape} {dtype}, more data than the archive holds")
 
 
@@ -400,6 +424,11 @@ def _meta_text(arrays: Mapping[str, np.ndarray]) -> str:
             f"{META!r} must be a 0-d unicode string array holding JSON, "
             f"got dtype {meta.dtype} with shape {meta.shape}"
         )
+    # numpy turns any 32-bit unit into a character, even past U+10FFFF, and such a str
+    # breaks whatever touches it later (SystemError, not even ValueError).
+    codes = np.frombuffer(meta.astype(meta.dtype.newbyteorder("<")).tobytes(), "<u4")
+    if codes.size and int(codes.max()) > 0x10FFFF:
+        _fail(f"{META!r} holds code point {int(codes.max()):#x}, past the last Unicode one")
     return str(meta[()])
 
 
@@ -407,13 +436,21 @@ def _reject_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999: valid JSON, but inf once parsed
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
 def _parse_meta(text: str, fmt: str, version: int) -> dict[str, Any]:
     try:
-        meta = json.loads(text, parse_constant=_reject_constant)
+        meta = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except (ValueError, RecursionError) as e:
         _fail(f"{META!r} is not valid JSON: {e}")
     if not isinstance(meta, dict):
         _fail(f"{META!r} must be a JSON object, got {_describe(meta)}")
+    _check_encodable(meta)
     found = meta.get("format")
     if found != fmt:
         hint = (
@@ -433,12 +470,44 @@ def _parse_meta(text: str, fmt: str, version: int) -> dict[str, Any]:
     return meta
 
 
+def _check_encodable(meta: dict[str, Any]) -> None:
+    """Refuse lone UTF-16 surrogates anywhere in meta (keys too).
+
+    ``"\\ud800"`` is valid JSON, but the string it makes cannot be encoded as UTF-8,
+    so storing or serving it (SQLite, JSON responses) would fail long after loading.
+    Iterative, so a deeply nested meta that json accepted cannot overflow the stack.
+    """
+    stack: list[tuple[object, str]] = [(meta, "meta")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            _check_string(value, path)
+        elif isinstance(value, dict):
+            for k in value:
+                _check_string(k, f"{path} key {_short(k)}")
+            stack.extend((v, f"{path}.{k}") for k, v in reversed(value.items()))
+        elif isinstance(value, list):
+            stack.extend((v, f"{path}[{i}]") for i, v in reversed(list(enumerate(value))))
+
+
+def _check_string(text: str, where: str) -> None:
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        _fail(
+            f"{where} holds a lone UTF-16 surrogate (U+{ord(text[e.start]):04X} at index "
+            f"{e.start}), which cannot be encoded as UTF-8"
+        )
+
+
 def _meta_opt_int(meta: Mapping[str, Any], key: str, *, optional: bool = True) -> int | None:
     value = meta.get(key)
     if value is None and optional:
         return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        kind = "an integer >= 0" + (" or null" if optional else "")
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= _MAX_INT:
+        kind = "an integer >= 0 and < 2**63" + (" or null" if optional else "")
         _fail(f"meta.{key} must be {kind}, got {_describe(value)}")
     return value
 
@@ -455,7 +524,10 @@ def _meta_opt_float(meta: Mapping[str, Any], key: str) -> float | None:
         return None
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         _fail(f"meta.{key} must be a number or null, got {_describe(value)}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an integer with hundreds of digits
+        _fail(f"meta.{key} is out of the range of a float, got {_describe(value)}")
 
 
 def _vocab(meta: Mapping[str, Any]) -> Vocab:
@@ -583,9 +655,13 @@ def _float_array(
 # --------------------------------------------------------------------------- misc
 
 
-def _describe(value: object) -> str:
+def _short(value: object) -> str:
     text = repr(value)
-    return f"{type(value).__name__} {text[:60] + '...' if len(text) > 60 else text}"
+    return text[:60] + "..." if len(text) > 60 else text
+
+
+def _describe(value: object) -> str:
+    return f"{type(value).__name__} {_short(value)}"
 
 
 def _fail(message: str) -> NoReturn:

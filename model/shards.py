@@ -17,6 +17,7 @@ are run, so the weights are bit-identical whichever back-end runs them:
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -188,6 +189,9 @@ class ProcessShards(_Combine):
             [sys.executable, "-m", "model.shards", *map(str, args)],
             pass_fds=[theirs.fileno()],
             env=_child_env(),
+            # Its own process group: a terminal's Ctrl-C (or a signal to the job's group)
+            # never reaches it, even before it ignores them; it ends with its pipe.
+            process_group=0,
         )
         theirs.close()
         self._conn = Connection(ours.detach())
@@ -243,6 +247,11 @@ def make_shards(params: Params, T: int, B: int, threads: int, mode: str = "auto"
 
 
 if __name__ == "__main__":
+    # A terminal Ctrl-C or a SIGTERM to the process group reaches this child too; it must
+    # not die of them (the step would fail with "the training shard process died"). The
+    # parent stops between steps and then sends b"quit" or closes the pipe.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _name, *_ints, _dtype, _fd = sys.argv[1:]
     _n_a, _n_x, _T, _B = map(int, _ints)
     _child(_name, _n_a, _n_x, _T, _B, _dtype, Connection(int(_fd)))

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import struct
+import warnings
 import zipfile
 from dataclasses import replace
 from pathlib import Path
@@ -618,6 +619,196 @@ def test_saving_a_state_with_nan_hidden_is_refused() -> None:
 def test_a_model_loaded_as_a_state_says_what_it_is() -> None:
     with pytest.raises(CheckpointError, match="load it with load_model"):
         state_from_bytes(model_to_bytes(make_model()))
+
+
+# ---------------------------------------------------------------- hostile headers, archives, meta
+
+
+def npy_with_header(text: bytes, version: int = 1) -> bytes:
+    """A .npy member whose header is ``text`` verbatim (padded as numpy pads), then data."""
+    prefix = 10 if version == 1 else 12
+    header = text + b" " * (63 - (prefix + len(text)) % 64) + b"\n"
+    size = len(header).to_bytes(2 if version == 1 else 4, "little")
+    return b"\x93NUMPY" + bytes([version, 0]) + size + header + b"\0" * 64
+
+
+def with_member(name: str, body: bytes) -> bytes:
+    """A valid model checkpoint, except that member ``name``.npy holds ``body``."""
+    arrays, meta = good_parts()
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for key, arr in {**arrays, "meta": np.array(json.dumps(meta))}.items():
+            zf.writestr(f"{key}.npy", body if key == name else _npy(arr))
+    return buf.getvalue()
+
+
+_HEADER_START = b"{'descr': '<f4', 'fortran_order': False, 'shape': "
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        (_HEADER_START + b"(2, 2), ", "malformed .npy header"),  # never closes: SyntaxError
+        (_HEADER_START + b"(2,\n 2),\n", "malformed .npy header"),
+        (_HEADER_START + b"(" * 500 + b")" * 500 + b"}", "malformed .npy header"),
+        (b"{'descr': " + b"(" * 300 + b"'<f4'" + b", 1)" * 300 + b", 'fortran_order': False, "
+         b"'shape': (2,)}", "malformed .npy header"),
+        (b"{'descr': [1, 2], 'fortran_order': False, 'shape': (2,)}", "malformed .npy header"),
+        (b"[1, 2]", "malformed .npy header"),
+        (_HEADER_START + b"(-1, 6)}", "negative dimension"),
+        # a zero-size dtype: the shape alone would be allocated (OverflowError past int64)
+        (b"{'descr': '|V0', 'fortran_order': False, 'shape': (" + str(10**30).encode() + b",)}",
+         "declares shape .* more data than the archive holds"),
+        (b"{'descr': '|V0', 'fortran_order': False, 'shape': (1099511627776, 1048576)}",
+         "declares shape .* more data than the archive holds"),
+    ],
+)  # fmt: skip
+def test_rejects_a_malformed_npy_header_naming_the_member(
+    text: bytes, match: str, version: int
+) -> None:
+    rejects(with_member("Waa", npy_with_header(text, version)), f"array 'Waa' .*{match}")
+
+
+def test_rejects_a_member_too_short_for_its_magic() -> None:
+    rejects(with_member("ba", b"\x93NUM"), "array 'ba' has a malformed .npy header")
+
+
+def test_rejects_an_archive_with_tens_of_thousands_of_members() -> None:
+    # Counted before any per-member work: this used to take minutes (names.count per name).
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for i in range(60_000):
+            zf.writestr(f"m{i}.npy", b"")
+    rejects(buf.getvalue(), "archive has 60000 members; a charnn checkpoint has at most 64")
+    with pytest.raises(CheckpointError, match="60000 members"):
+        state_from_bytes(buf.getvalue())
+
+
+@pytest.mark.parametrize("method", [zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA])
+def test_rejects_corrupt_compressed_members(method: int) -> None:
+    arrays, meta = good_parts()
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", method) as zf:
+        for name, arr in {**arrays, "meta": np.array(json.dumps(meta))}.items():
+            zf.writestr(f"{name}.npy", _npy(arr))
+    data = bytearray(buf.getvalue())
+    start = 30 + int.from_bytes(data[26:28], "little") + int.from_bytes(data[28:30], "little")
+    for pos in range(start + 9, start + 16):  # in the first stream (LZMA: after its header)
+        broken = bytearray(data)
+        broken[pos] ^= 0xFF
+        rejects(bytes(broken), "corrupt or truncated checkpoint archive")
+
+
+def test_rejects_duplicate_members() -> None:
+    data = model_to_bytes(make_model())
+    buf = io.BytesIO(data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns about the duplicate name
+        with zipfile.ZipFile(buf, "a") as zf:
+            zf.writestr("Wax.npy", _npy(np.zeros((N_A, len(CHARS)), np.float32)))
+    rejects(buf.getvalue(), r"duplicate members \['Wax.npy'\]")
+
+
+def _model_meta_with(place: str, bad: str) -> dict[str, Any]:
+    _, meta = good_parts()
+    if place == "vocab":
+        meta["vocab"][3] = bad
+    elif place == "name":
+        meta["name"] = "tiny" + bad
+    elif place == "hyperparameters key":
+        meta["hyperparameters"][bad] = 1
+    elif place == "metrics key":
+        meta["metrics"]["note" + bad] = 1
+    elif place == "nested":
+        meta["metrics"]["history"] = [{"step": 1}, {"notes": ["ok", bad]}]
+    elif place == "top-level key":
+        meta[bad] = "x"
+    return meta
+
+
+_SURROGATE_PLACES = [
+    ("vocab", r"meta.vocab\[3\] holds a lone UTF-16 surrogate \(U\+D800 at index 0\)"),
+    ("name", r"meta.name holds a lone UTF-16 surrogate \(U\+D800 at index 4\)"),
+    ("hyperparameters key", r"meta.hyperparameters key '\\ud800' holds a lone"),
+    ("metrics key", r"meta.metrics key 'note\\ud800' holds a lone"),
+    ("nested", r"meta.metrics.history\[1\].notes\[1\] holds a lone"),
+    ("top-level key", r"^meta key '\\ud800' holds a lone"),
+]
+
+
+@pytest.mark.parametrize("ascii_escape", [True, False])  # "\ud800" in the JSON, or raw
+@pytest.mark.parametrize("place,match", _SURROGATE_PLACES)
+def test_rejects_lone_surrogates_anywhere_in_model_meta(
+    place: str, match: str, ascii_escape: bool
+) -> None:
+    arrays, _ = good_parts()
+    text = json.dumps(_model_meta_with(place, "\ud800"), ensure_ascii=ascii_escape)
+    assert ("\\ud800" in text) is ascii_escape
+    rejects(pack(arrays, text), match)
+
+
+def test_a_low_surrogate_is_refused_and_a_surrogate_pair_is_a_character() -> None:
+    arrays, meta = good_parts()
+    meta["name"] = "\udc00"
+    rejects(pack(arrays, meta), r"meta.name holds a lone UTF-16 surrogate \(U\+DC00")
+    text = json.dumps({**meta, "name": "x"}).replace('"x"', '"\\ud83d\\ude00"')
+    assert model_from_bytes(pack(arrays, text)).extra["name"] == "😀"
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda m: m["vocab"].__setitem__(2, "\ud800"), r"meta.vocab\[2\]"),
+        (lambda m: m["config"].__setitem__("\udfff", 1), r"meta.config key '\\udfff'"),
+        (lambda m: m.__setitem__("corpus_sha256", "\ud800"), "meta.corpus_sha256"),
+    ],
+)
+def test_state_rejects_lone_surrogates_in_meta(edit: Any, match: str) -> None:
+    arrays, meta = state_parts()
+    edit(meta)
+    state_rejects(arrays, meta, match + " holds a lone UTF-16 surrogate")
+
+
+def test_saving_refuses_lone_surrogates() -> None:
+    for ckpt, match in [
+        (replace(make_model(), extra={"name": "a\ud800"}), "meta.name"),
+        (replace(make_model(), hyperparameters={"\ud800": 1}), "meta.hyperparameters key"),
+        (replace(make_model(), metrics={"m": [{"x": "\udc00"}]}), r"meta.metrics.m\[0\].x"),
+        (replace(make_model(), vocab=Vocab((*CHARS[:-1], "\ud800"))), r"meta.vocab\[7\]"),
+    ]:
+        with pytest.raises(CheckpointError, match=f"refusing to save.*{match}.*surrogate"):
+            model_to_bytes(ckpt)
+    state = make_state()
+    state.vocab = Vocab((*CHARS[:-1], "\ud800"))
+    with pytest.raises(CheckpointError, match=r"refusing to save.*meta.vocab\[7\].*surrogate"):
+        state_to_bytes(state)
+
+
+def test_rejects_meta_holding_code_points_past_unicode() -> None:
+    arrays, meta = good_parts()
+    units = np.frombuffer(json.dumps(meta).encode("utf-32-le"), "<u4").copy()
+    units[units.tolist().index(ord("t"))] = 0xFFFF_FFFF  # inside "tiny"
+    arrays["meta"] = np.frombuffer(units.tobytes(), f"<U{units.size}").reshape(())
+    rejects(pack(arrays), "'meta' holds code point 0xffffffff, past the last Unicode one")
+
+
+def test_meta_numbers_out_of_float_range_are_refused() -> None:
+    arrays, meta = good_parts()
+    text = json.dumps({**meta, "metrics": {"loss": 123.5}}).replace("123.5", "1e999")
+    rejects(pack(arrays, text), "not valid JSON: number 1e999 is out of range")
+    arrays, meta = state_parts()
+    for key, match in [
+        ("elapsed_s", "meta.elapsed_s is out of the range of a float"),
+        ("best_val_loss", "meta.best_val_loss is out of the range of a float"),
+        ("step", r"meta.step must be an integer >= 0 and < 2\*\*63"),
+    ]:
+        state_rejects(arrays, {**meta, key: 10**400}, match)
+    state_rejects(
+        arrays, {**meta, "step": 2**63}, r"meta.step must be an integer >= 0 and < 2\*\*63"
+    )
+    config = {**meta["config"], "learning_rate": 10**400}
+    state_rejects(arrays, {**meta, "config": config}, "not a valid training configuration")
 
 
 # ---------------------------------------------------------------- atomic writes

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 
 import numpy as np
 import pytest
@@ -66,6 +67,32 @@ def test_a_dead_child_is_a_clear_error_and_close_still_cleans_up() -> None:
         shards(params, X, Y, h0)
     shards.close()
     assert not os.path.exists(f"/dev/shm/{shm_name.lstrip('/')}")
+
+
+def test_the_child_outlives_sigint_and_sigterm_and_still_computes() -> None:
+    # A terminal Ctrl-C (SIGINT to the process group) or a SIGTERM to the group reaches the
+    # child too; it must leave stopping to its parent, which stops between steps and closes.
+    params = init_params(H, V, np.random.default_rng(0))
+    X, Y, h0 = batch()
+    reference = ThreadShards(params, T, B, threads=1)
+    expected = reference(params, X, Y, h0)
+    shards = make_shards(params, T, B, threads=2, mode="process")
+    assert isinstance(shards, ProcessShards)
+    try:
+        assert shards(params, X, Y, h0) == expected  # the child is up and running
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            os.kill(shards._proc.pid, sig)
+        with pytest.raises(subprocess.TimeoutExpired):
+            shards._proc.wait(timeout=0.5)  # not dead
+        for _ in range(2):
+            assert shards(params, X, Y, h0) == expected
+            np.testing.assert_array_equal(shards.grads.flat, reference.grads.flat)
+            np.testing.assert_array_equal(shards.hidden, reference.hidden)
+    finally:
+        shards.close()
+        reference.close()
+    assert shards._proc.returncode == 0  # it quit when asked
+    assert not os.path.exists(f"/dev/shm/{shards._shm.name.lstrip('/')}")
 
 
 def test_small_work_stays_in_process() -> None:
