@@ -13,12 +13,24 @@ and models (at most a few hundred MB) are well inside that; anything much
 bigger would belong in an object store with only its key here.
 
 Semantics match ``SqliteStore`` (ids, ``valid_id`` checks, newest-first
-ordering, pagination and ``update_job`` checks, idempotent metrics, NaN/inf
-stored as NULL), except that the file-path methods raise
-``NotImplementedError``: use ``read_corpus``/``read_state``/``read_model_bytes``.
+ordering, pagination and ``update_job`` checks, ``update_progress`` only
+forwards, ``delete_job`` only for finished jobs, ``purge_job_files`` keeping
+rows and metrics, idempotent metrics, NaN/inf stored as NULL, unreadable rows
+skipped and logged rather than failing a listing), except that the file-path
+methods raise ``NotImplementedError``: use
+``read_corpus``/``read_state``/``read_model_bytes``. The queue's room
+(``create_job(max_queued=...)``) is checked under a transaction-scoped advisory
+lock, so it holds across any number of API replicas.
+
+A failure of the database rather than of the request (unreachable, read-only,
+out of disk, ...) is ``StoreUnavailable`` with a plain reason, never the
+server's message (it names hosts, users and databases; it is logged instead).
+
 The extra methods (``claim_job``, ``heartbeat``, ``request_cancel``,
-``requeue_stale``, ...) are what distributed workers coordinate with; each is
-one atomic statement, so racing replicas and workers never both win.
+``requeue_stale``, ``finish_owned``, ``hand_back``, ...) are what distributed
+workers coordinate with; each is one transaction, so racing replicas and
+workers never both win, and those a worker writes with check that it still
+owns the job, so a worker that lost it writes nothing.
 
 Times are seconds since the epoch (DOUBLE PRECISION), taken from the
 *database's* clock, so machines whose clocks disagree still agree on which
@@ -30,11 +42,13 @@ advisory lock, so any number of processes may start at once.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -45,28 +59,41 @@ from psycopg.pq import TransactionStatus
 from psycopg.rows import DictRow, dict_row
 
 from app.store import (
-    _JOB_UPDATABLE,
+    ACTIVE_STATUSES,
     JOB_STATUSES,
+    TERMINAL_STATUSES,
+    JobActiveError,
     JobRecord,
     JobStatus,
     MetricPoint,
     ModelRecord,
+    QueueFullError,
     StoreError,
+    StoreUnavailable,
     _check_page,
     _check_status,
+    _checked_progress,
+    _checked_update,
     _dump,
     _finite_or_none,
+    _job,
     _metric_point,
+    _model,
     _new_id,
+    readable,
     valid_id,
 )
 
-__all__ = ["PG_SCHEMA_VERSION", "PostgresStore"]
+__all__ = ["PG_SCHEMA_VERSION", "NewModel", "PostgresStore"]
+
+log = logging.getLogger("charnn.store")
 
 PG_SCHEMA_VERSION = 1
-# Key of the advisory lock that serialises schema creation/migration (any constant
-# unique to charnn; "charnn" in ASCII).
+# Keys of the advisory locks (database-wide, any constants unique to charnn): one
+# serialises schema creation/migration ("charnn" in ASCII), one the queue's admission
+# checks ("charnnq").
 _SCHEMA_LOCK = 0x636861726E6E
+_ADMISSION_LOCK = 0x636861726E6E71
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _T = TypeVar("_T")
 Conn = psycopg.Connection[DictRow]
@@ -158,18 +185,95 @@ _NO_FILES = (
 )
 
 
-def _job(row: DictRow) -> JobRecord:
-    return JobRecord(**{k: row[k] for k in JobRecord.__slots__})
+_DAMAGED = "the job's stored row is damaged (it cannot be read back)"
+_UNKNOWN_COMMIT = (
+    "the database became unreachable while committing; the change may or may not be stored"
+)
+# Failures of the database, not of the request: their plain reasons. Checked in order;
+# other OperationalErrors are "unreachable" (no SQLSTATE: the connection failed, or
+# class 08/57P: connection exception, shutdown) or a failure named by its class.
+_REASONS: tuple[tuple[type[psycopg.Error], str], ...] = (
+    (errors.ReadOnlySqlTransaction, "the database refused the write (read-only)"),
+    (errors.DiskFull, "the database refused the write (its disk is full)"),
+    (errors.OutOfMemory, "the database is out of memory"),
+    (errors.TooManyConnections, "the database has no free connections"),
+    (errors.QueryCanceled, "the database cancelled the statement (a timeout)"),
+    (errors.InsufficientPrivilege, "the database refused access (insufficient privilege)"),
+)
 
 
-def _model(row: DictRow) -> ModelRecord:
-    return ModelRecord(**{k: row[k] for k in ModelRecord.__slots__})
+def _unavailable(exc: psycopg.Error) -> StoreUnavailable | None:
+    """``StoreUnavailable`` with a plain reason for a failure of the database, or None
+    (the error is the request's or a bug: it stays what it is). The server's own
+    message is logged, never put in the reason: it may name hosts, users, databases."""
+    reason = next((r for kind, r in _REASONS if isinstance(exc, kind)), None)
+    if reason is None:
+        if not isinstance(exc, psycopg.OperationalError):
+            return None
+        state = exc.sqlstate or ""
+        if not state or state.startswith(("08", "57P")):
+            reason = "the database is unreachable"
+        else:
+            reason = f"the database failed ({type(exc).__name__})"
+    log.warning("PostgreSQL store: %s (%s: %s)", reason, type(exc).__name__, str(exc).strip())
+    return StoreUnavailable(reason)
+
+
+@dataclass(frozen=True, slots=True)
+class NewModel:
+    """A validated model to store with its job's outcome (``finish_owned``): the bytes
+    and what validating them learned, as ``add_model`` takes them."""
+
+    name: str
+    data: bytes
+    hyperparameters: Mapping[str, Any]
+    metrics: Mapping[str, Any]
+    vocab: Sequence[str]
+    param_count: int
+    dtype: str
+
+
+def _check_room(queued: int, max_queued: int) -> None:
+    if queued >= max_queued:
+        raise QueueFullError(f"{queued} jobs are already waiting (max_queued_jobs)")
 
 
 def _no_nul(what: str, value: str | None) -> None:
     # PostgreSQL text cannot hold U+0000; say so as a ValueError, like other bad input.
     if value is not None and "\x00" in value:
         raise ValueError(f"{what} must not contain NUL characters")
+
+
+def _insert_model(
+    cur: Cursor,
+    name: str,
+    job_id: str | None,
+    data: bytes,
+    hyperparameters: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+    vocab: Sequence[str],
+    param_count: int,
+    dtype: str,
+) -> ModelRecord:
+    """Insert one model row, bytes included, in the caller's transaction."""
+    row = cur.execute(
+        f"INSERT INTO charnn_models ({_MODEL_COLUMNS}, data) "
+        f"VALUES (%s, %s, {_NOW}, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING {_MODEL_COLUMNS}",
+        (
+            _new_id(),
+            name,
+            job_id,
+            _dump(hyperparameters),
+            _dump(metrics),
+            _dump(list(vocab)),
+            param_count,
+            len(data),
+            dtype,
+            data,
+        ),
+    ).fetchone()
+    assert row is not None
+    return _model(row)  # what charnn just wrote: a failure here is a bug, and rolls back
 
 
 class _Pool:
@@ -204,7 +308,7 @@ class _Pool:
         if self._closed:
             raise StoreError(_CLOSED)
         if not self._slots.acquire(timeout=60):
-            raise StoreError("no database connection became free within 60 s")
+            raise StoreUnavailable("no database connection became free within 60 s")
         try:
             with self._lock:
                 conn = self._idle.pop() if self._idle else None
@@ -270,6 +374,7 @@ class PostgresStore:
             # Appended to the URL's own options (a libpq keyword given twice: last wins).
             kwargs["options"] = f"{given.get('options') or ''} -c search_path={schema}".strip()
         self.schema = schema
+        self._reported: set[str] = set()  # unreadable rows already logged
         self._pool = _Pool(database_url, kwargs, pool_size)
         try:
             self._init_schema()
@@ -290,23 +395,34 @@ class PostgresStore:
 
         A connection found broken (server restart, failover, idle timeout) is
         replaced and ``body`` run once more — but never when the break came during
-        COMMIT, whose outcome is then unknown: that error propagates.
+        COMMIT, whose outcome is then unknown. A failure of the database (after that
+        one retry) is ``StoreUnavailable`` with a plain reason; other errors (bad
+        input, bugs, what ``body`` raises) propagate as they are.
         """
-        for attempt in (1, 2):
-            with self._pool.connection() as conn:
-                committing = False
-                try:
-                    with conn.cursor() as cur:
-                        if not write:
-                            return body(cur)
-                        with conn.transaction():
-                            result = body(cur)
-                            committing = True
-                        return result
-                except psycopg.OperationalError:
-                    if attempt == 2 or committing or not conn.broken:
-                        raise
-            self._pool.discard_idle()
+        try:
+            for attempt in (1, 2):
+                with self._pool.connection() as conn:
+                    committing = False
+                    try:
+                        with conn.cursor() as cur:
+                            if not write:
+                                return body(cur)
+                            with conn.transaction():
+                                result = body(cur)
+                                committing = True
+                            return result
+                    except psycopg.OperationalError:
+                        if committing and conn.broken:
+                            log.warning("PostgreSQL store: the connection broke during COMMIT")
+                            raise StoreUnavailable(_UNKNOWN_COMMIT) from None
+                        if attempt == 2 or committing or not conn.broken:
+                            raise
+                self._pool.discard_idle()
+        except psycopg.Error as exc:
+            unavailable = _unavailable(exc)
+            if unavailable is None:
+                raise
+            raise unavailable from None
         raise AssertionError("unreachable")
 
     def _one(self, query: str, params: Mapping[str, Any] | Sequence[Any] = ()) -> DictRow | None:
@@ -329,6 +445,20 @@ class PostgresStore:
             return cur.fetchone() if cur.description is not None else None
 
         return self._run(body, write=True)
+
+    def _jobs(self, rows: Sequence[DictRow]) -> list[JobRecord]:
+        return readable(rows, _job, "job", self._reported)
+
+    def _models(self, rows: Sequence[DictRow]) -> list[ModelRecord]:
+        return readable(rows, _model, "model", self._reported)
+
+    def _first_job(self, row: DictRow | None) -> JobRecord | None:
+        jobs = self._jobs([row]) if row is not None else []
+        return jobs[0] if jobs else None
+
+    def _first_model(self, rows: Sequence[DictRow]) -> ModelRecord | None:
+        models = self._models(rows)
+        return models[0] if models else None
 
     def _check_version(self, version: int) -> None:
         if version > PG_SCHEMA_VERSION:
@@ -390,43 +520,69 @@ class PostgresStore:
         seed: int,
         init_from: str | None,
         vocab_size: int,
+        *,
+        max_queued: int | None = None,
     ) -> JobRecord:
         """Insert the job as ``queued``, its corpus in the same row.
 
-        A corpus with lone surrogates raises ``UnicodeEncodeError`` and one with
-        NUL characters ``ValueError`` (both ``ValueError``) before anything is written.
+        With ``max_queued``, the queue's room is checked in the insert's transaction
+        under an advisory lock that every replica takes, so concurrent submissions
+        anywhere can never overfill it; a refused job (``QueueFullError``) leaves
+        nothing. The row is inserted *before* the lock is taken and counted with the
+        others (a transaction sees its own row; each lock holder sees the commits of
+        the ones before it), so the lock is never held while a 10M-character corpus
+        travels. A corpus with lone surrogates raises ``UnicodeEncodeError`` and one
+        with NUL characters ``ValueError`` (both ``ValueError``) before anything is
+        written.
         """
         corpus.encode("utf-8")
         _no_nul("the corpus", corpus)
         _no_nul("the job name", name)
-        row = self._write_one(
-            f"INSERT INTO charnn_jobs (id, name, status, created_at, hyperparameters, seed, "
-            f"init_from, corpus_chars, vocab_size, corpus) "
-            f"VALUES (%s, %s, 'queued', {_NOW}, %s, %s, %s, %s, %s, %s) RETURNING {_JOB_COLUMNS}",
-            (
-                _new_id(),
-                name,
-                _dump(hyperparameters),
-                seed,
-                init_from,
-                len(corpus),
-                vocab_size,
-                corpus,
-            ),
-        )
-        assert row is not None
-        return _job(row)
+        if max_queued is not None:
+            _check_room(self.count_queued(), max_queued)  # cheap, before the corpus is sent
+
+        def body(cur: Cursor) -> DictRow | None:
+            row = cur.execute(
+                "INSERT INTO charnn_jobs (id, name, status, created_at, hyperparameters, seed, "
+                "init_from, corpus_chars, vocab_size, corpus) "
+                f"VALUES (%s, %s, 'queued', {_NOW}, %s, %s, %s, %s, %s, %s) "
+                f"RETURNING {_JOB_COLUMNS}",
+                (
+                    _new_id(),
+                    name,
+                    _dump(hyperparameters),
+                    seed,
+                    init_from,
+                    len(corpus),
+                    vocab_size,
+                    corpus,
+                ),
+            ).fetchone()
+            if max_queued is not None:
+                # Held to the end of the transaction: count and COMMIT are one step for
+                # every replica. The count includes this (uncommitted) row.
+                cur.execute("SELECT pg_advisory_xact_lock(%s)", (_ADMISSION_LOCK,))
+                n = cur.execute(
+                    "SELECT count(*) AS n FROM charnn_jobs WHERE status = 'queued'"
+                ).fetchone()
+                assert n is not None
+                _check_room(int(n["n"]) - 1, max_queued)
+            return row
+
+        job = self._first_job(self._run(body, write=True))
+        assert job is not None
+        return job
 
     def get_job(self, job_id: str) -> JobRecord | None:
         if not valid_id(job_id):
             return None
         row = self._one(f"SELECT {_JOB_COLUMNS} FROM charnn_jobs WHERE id = %s", (job_id,))
-        return _job(row) if row else None
+        return self._first_job(row)
 
     def list_jobs(
         self, status: JobStatus | None = None, limit: int = 50, offset: int = 0
     ) -> list[JobRecord]:
-        """Jobs newest first, optionally only those with ``status``."""
+        """Jobs newest first, optionally only those with ``status``; unreadable rows skipped."""
         _check_status(status)
         _check_page(limit, offset)
         where, params = ("WHERE status = %s", [status]) if status is not None else ("", [])
@@ -434,7 +590,7 @@ class PostgresStore:
             f"SELECT {_JOB_COLUMNS} FROM charnn_jobs {where} {_NEWEST} LIMIT %s OFFSET %s",
             [*params, limit, offset],
         )
-        return [_job(r) for r in rows]
+        return self._jobs(rows)
 
     def count_jobs(self, status: JobStatus | None = None) -> int:
         _check_status(status)
@@ -466,13 +622,7 @@ class PostgresStore:
         ``ValueError`` (a typo must not be silently dropped). NUL characters in
         ``error`` (an exception's text) become U+FFFD rather than lose the reason.
         """
-        unknown = sorted(set(fields) - _JOB_UPDATABLE)
-        if unknown:
-            raise ValueError(f"cannot update job field(s): {', '.join(unknown)}")
-        if "status" in fields:
-            if fields["status"] is None:
-                raise ValueError("status cannot be None")
-            _check_status(fields["status"])
+        names = _checked_update(fields)  # whitelisted, so safe to splice into SQL
         if isinstance(fields.get("error"), str):
             fields["error"] = fields["error"].replace("\x00", "\ufffd")
         for text in ("name", "model_id"):
@@ -480,15 +630,86 @@ class PostgresStore:
                 _no_nul(text, fields[text])
         if not valid_id(job_id):
             return None
-        if not fields:
+        if not names:
             return self.get_job(job_id)
-        names = sorted(fields)  # whitelisted above, so safe to splice into SQL
         assignments = ", ".join(f"{n} = %s" for n in names)
         row = self._write_one(
             f"UPDATE charnn_jobs SET {assignments} WHERE id = %s RETURNING {_JOB_COLUMNS}",
             [*(_finite_or_none(fields[n]) for n in names), job_id],
         )
-        return _job(row) if row else None
+        return self._first_job(row)
+
+    def update_progress(self, job_id: str, **fields: Any) -> bool:
+        """Set progress columns (``PROGRESS_FIELDS``, ``step`` required) only if ``step``
+        is past the stored one: a job resumed from an older checkpoint replays steps,
+        and its progress must not go backwards or repeat. True if the row changed
+        (the caller then records and announces the point). One conditional UPDATE,
+        so two writers racing (a worker that lost its job and its successor) cannot
+        move the step backwards either."""
+        names = _checked_progress(fields)
+        if not valid_id(job_id):
+            return False
+        assignments = ", ".join(f"{n} = %s" for n in names)
+
+        def body(cur: Cursor) -> bool:
+            cur.execute(
+                f"UPDATE charnn_jobs SET {assignments} WHERE id = %s AND step < %s",
+                [*(_finite_or_none(fields[n]) for n in names), job_id, fields["step"]],
+            )
+            return cur.rowcount > 0
+
+        return self._run(body, write=True)
+
+    def delete_job(self, job_id: str) -> bool:
+        """Delete a finished job: its row with corpus and state, and its metric points (the
+        foreign key cascades), in one transaction; True if it existed. ``JobActiveError``
+        for a queued or running job (cancel it first). Models it produced are kept."""
+        if not valid_id(job_id):
+            return False
+
+        def body(cur: Cursor) -> bool:
+            row = cur.execute(
+                "SELECT status FROM charnn_jobs WHERE id = %s FOR UPDATE", (job_id,)
+            ).fetchone()
+            if row is None:
+                return False
+            if row["status"] in ACTIVE_STATUSES:
+                raise JobActiveError(row["status"])
+            cur.execute("DELETE FROM charnn_jobs WHERE id = %s", (job_id,))
+            return True
+
+        return self._run(body, write=True)
+
+    def discard_job(self, job_id: str) -> bool:
+        """Delete a job whatever its status; True if it existed. Only for a job that was
+        never handed to anyone (``CeleryRunner.submit`` when the broker refused it):
+        a client then learns that nothing was stored, and nothing was."""
+        if not valid_id(job_id):
+            return False
+
+        def body(cur: Cursor) -> bool:
+            cur.execute("DELETE FROM charnn_jobs WHERE id = %s", (job_id,))
+            return cur.rowcount > 0
+
+        return self._run(body, write=True)
+
+    def purge_job_files(self, finished_before: float) -> list[str]:
+        """Empty the corpus and drop the resume state of jobs that finished before the
+        given time (the ``job_files_retention_s`` setting); their rows and metrics stay.
+        The ids that had something to purge, oldest first; rows already purged are not
+        written again (``octet_length`` reads the stored size, not the text)."""
+        terminal = ", ".join(f"'{s}'" for s in TERMINAL_STATUSES)
+        rows = self._run(
+            lambda cur: cur.execute(
+                "UPDATE charnn_jobs SET corpus = '', state = NULL "
+                f"WHERE status IN ({terminal}) AND finished_at IS NOT NULL "
+                "AND finished_at < %s AND (octet_length(corpus) > 0 OR state IS NOT NULL) "
+                "RETURNING id, created_at, seq",
+                (float(finished_before),),
+            ).fetchall(),
+            write=True,
+        )
+        return [r["id"] for r in sorted(rows, key=lambda r: (r["created_at"], r["seq"]))]
 
     def jobs_to_resume(self) -> list[JobRecord]:
         """Queued and running jobs, oldest first: the work a restarted service picks up."""
@@ -496,7 +717,7 @@ class PostgresStore:
             f"SELECT {_JOB_COLUMNS} FROM charnn_jobs "
             f"WHERE status IN ('queued', 'running') {_OLDEST}"
         )
-        return [_job(r) for r in rows]
+        return self._jobs(rows)
 
     def corpus_path(self, job_id: str) -> Path | None:
         raise NotImplementedError(_NO_FILES)
@@ -518,11 +739,21 @@ class PostgresStore:
         row = self._one("SELECT state FROM charnn_jobs WHERE id = %s", (job_id,))
         return bytes(row["state"]) if row and row["state"] is not None else None
 
-    def write_state(self, job_id: str, data: bytes) -> None:
+    def write_state(self, job_id: str, data: bytes, *, worker: str | None = None) -> bool:
         """Replace the job's resume checkpoint: one UPDATE, so readers see the old
-        checkpoint or the new one, never a mix. An unknown job stores nothing."""
-        if valid_id(job_id):
-            self._write_one("UPDATE charnn_jobs SET state = %s WHERE id = %s", (data, job_id))
+        checkpoint or the new one, never a mix. With ``worker``, only while that worker
+        owns the running job (one that lost it must not overwrite its successor's).
+        True if stored; an unknown job stores nothing."""
+        if not valid_id(job_id):
+            return False
+        owned = "" if worker is None else " AND worker = %s AND status = 'running'"
+        params = (data, job_id) if worker is None else (data, job_id, worker)
+
+        def body(cur: Cursor) -> bool:
+            cur.execute(f"UPDATE charnn_jobs SET state = %s WHERE id = %s{owned}", params)
+            return cur.rowcount > 0
+
+        return self._run(body, write=True)
 
     # -- distributed execution --------------------------------------------------
 
@@ -536,13 +767,27 @@ class PostgresStore:
         if not valid_id(job_id):
             return None
         _no_nul("worker", worker)
-        row = self._write_one(
-            f"UPDATE charnn_jobs SET status = 'running', worker = %(worker)s, "
-            f"heartbeat_at = {_NOW}, started_at = COALESCE(started_at, {_NOW}) "
-            f"WHERE id = %(id)s AND (status = 'queued' OR {_STALE}) RETURNING {_JOB_COLUMNS}",
-            {"worker": worker, "id": job_id, "stale": float(stale_after_s)},
-        )
-        return _job(row) if row else None
+
+        def body(cur: Cursor) -> JobRecord | None:
+            row = cur.execute(
+                f"UPDATE charnn_jobs SET status = 'running', worker = %(worker)s, "
+                f"heartbeat_at = {_NOW}, started_at = COALESCE(started_at, {_NOW}) "
+                f"WHERE id = %(id)s AND (status = 'queued' OR {_STALE}) "
+                f"RETURNING {_JOB_COLUMNS}",
+                {"worker": worker, "id": job_id, "stale": float(stale_after_s)},
+            ).fetchone()
+            job = self._first_job(row)
+            if row is not None and job is None:
+                # Unreadable: no worker can run it, and left running it would be
+                # re-queued and re-sent forever. It fails, in the claim's transaction.
+                cur.execute(
+                    f"UPDATE charnn_jobs SET status = 'failed', finished_at = {_NOW}, "
+                    "error = %s WHERE id = %s",
+                    (_DAMAGED, job_id),
+                )
+            return job
+
+        return self._run(body, write=True)
 
     def heartbeat(self, job_id: str, worker: str) -> tuple[bool, bool]:
         """``(owned, cancel_requested)``: whether ``worker`` still owns the running job
@@ -589,8 +834,7 @@ class PostgresStore:
                 ).fetchone()
             return row
 
-        row = self._run(body, write=True)
-        return _job(row) if row else None
+        return self._first_job(self._run(body, write=True))
 
     def requeue_stale(self, stale_after_s: float) -> list[str]:
         """Put running jobs whose worker stopped heart-beating back to ``queued``
@@ -610,6 +854,96 @@ class PostgresStore:
             write=True,
         )
         return [r["id"] for r in sorted(rows, key=lambda r: (r["created_at"], r["seq"]))]
+
+    def finish_owned(
+        self,
+        job_id: str,
+        worker: str,
+        status: JobStatus,
+        *,
+        error: str | None = None,
+        model: NewModel | None = None,
+    ) -> ModelRecord | bool | None:
+        """Record the outcome of a job ``worker`` runs, only if it still owns it.
+
+        In one transaction, with the job's row locked (FOR UPDATE, so a concurrent
+        claim or re-queue waits for it, or it for them): if the job is ``running``
+        and owned by ``worker``, insert ``model`` (bytes and validated fields; only
+        with ``succeeded``), bumping ``models_version``, and set the job's
+        ``status``, ``finished_at`` (the database's clock), ``model_id`` and
+        ``error``. Otherwise nothing is written, so a worker that lost its job (it
+        was re-queued and claimed by another) can never store a duplicate model or
+        overwrite its successor's outcome.
+
+        Returns the stored ``ModelRecord`` when a model was given, ``True`` when the
+        outcome was recorded without one, ``False`` when ``worker`` no longer owns
+        the running job, and ``None`` when there is no such job. Safe to retry after
+        a ``StoreUnavailable``: if the first attempt did commit, the job is no longer
+        running and the retry writes nothing (``False``).
+        """
+        if status not in TERMINAL_STATUSES:
+            raise ValueError(f"a finished status is one of {', '.join(TERMINAL_STATUSES)}")
+        if model is not None and status != "succeeded":
+            raise ValueError("only a succeeded job stores a model")
+        if model is not None:
+            _no_nul("the model name", model.name)
+        if isinstance(error, str):
+            error = error.replace("\x00", "\ufffd")
+        if not valid_id(job_id):
+            return None
+
+        def body(cur: Cursor) -> ModelRecord | bool | None:
+            row = cur.execute(
+                "SELECT status, worker FROM charnn_jobs WHERE id = %s FOR UPDATE", (job_id,)
+            ).fetchone()
+            if row is None:
+                return None
+            if row["status"] != "running" or row["worker"] != worker:
+                return False
+            stored = None
+            if model is not None:
+                stored = _insert_model(
+                    cur,
+                    model.name,
+                    job_id,
+                    model.data,
+                    model.hyperparameters,
+                    model.metrics,
+                    model.vocab,
+                    model.param_count,
+                    model.dtype,
+                )
+            cur.execute(
+                f"UPDATE charnn_jobs SET status = %s, finished_at = {_NOW}, model_id = %s, "
+                "error = %s WHERE id = %s",
+                (status, stored.id if stored else None, error, job_id),
+            )
+            if stored is not None:
+                # Last, so the meta row is locked only for the moment before COMMIT.
+                cur.execute("UPDATE charnn_meta SET models_version = models_version + 1")
+                return stored
+            return True
+
+        return self._run(body, write=True)
+
+    def hand_back(self, job_id: str, worker: str, state: bytes | None) -> bool:
+        """Put a job ``worker`` stopped (its machine is shutting down) back to ``queued``
+        with its latest checkpoint, only if that worker still owns the running job: one
+        UPDATE, so a worker that lost its job never re-queues its successor's. True if
+        handed back (the caller then sends it again)."""
+        if not valid_id(job_id):
+            return False
+
+        def body(cur: Cursor) -> bool:
+            cur.execute(
+                "UPDATE charnn_jobs SET status = 'queued', worker = NULL, "
+                "state = COALESCE(%s, state) "
+                "WHERE id = %s AND worker = %s AND status = 'running'",
+                (state, job_id, worker),
+            )
+            return cur.rowcount > 0
+
+        return self._run(body, write=True)
 
     # -- metrics ----------------------------------------------------------------
 
@@ -653,7 +987,7 @@ class PostgresStore:
             "WHERE job_id = %s AND step > %s ORDER BY step",
             (job_id, after_step),
         )
-        return [_metric_point(r) for r in rows]
+        return readable(rows, _metric_point, "metric", self._reported)
 
     # -- models -----------------------------------------------------------------
 
@@ -671,50 +1005,43 @@ class PostgresStore:
         """Insert the model, bytes included, and bump ``models_version`` in the same
         transaction: a replica that sees the new version sees the model.
 
-        The bytes are stored as given: callers validate them (``model_from_bytes``)
+        The bytes are stored as given: callers validate them (``app.model_meta``)
         and pass what they learned (vocab, dtype, ...).
         """
         _no_nul("the model name", name)
 
-        def body(cur: Cursor) -> DictRow | None:
-            row = cur.execute(
-                f"INSERT INTO charnn_models ({_MODEL_COLUMNS}, data) "
-                f"VALUES (%s, %s, {_NOW}, %s, %s, %s, %s, %s, %s, %s, %s) "
-                f"RETURNING {_MODEL_COLUMNS}",
-                (
-                    _new_id(),
-                    name,
-                    job_id,
-                    _dump(hyperparameters),
-                    _dump(metrics),
-                    _dump(list(vocab)),
-                    param_count,
-                    len(checkpoint_bytes),
-                    dtype,
-                    checkpoint_bytes,
-                ),
-            ).fetchone()
+        def body(cur: Cursor) -> ModelRecord:
+            model = _insert_model(
+                cur,
+                name,
+                job_id,
+                checkpoint_bytes,
+                hyperparameters,
+                metrics,
+                vocab,
+                param_count,
+                dtype,
+            )
             # Last, so the meta row is locked only for the moment before COMMIT.
             cur.execute("UPDATE charnn_meta SET models_version = models_version + 1")
-            return row
+            return model
 
-        row = self._run(body, write=True)
-        assert row is not None
-        return _model(row)
+        return self._run(body, write=True)
 
     def get_model(self, model_id: str) -> ModelRecord | None:
         if not valid_id(model_id):
             return None
-        row = self._one(f"SELECT {_MODEL_COLUMNS} FROM charnn_models WHERE id = %s", (model_id,))
-        return _model(row) if row else None
+        rows = self._all(f"SELECT {_MODEL_COLUMNS} FROM charnn_models WHERE id = %s", (model_id,))
+        return self._first_model(rows)
 
     def list_models(self, limit: int = 50, offset: int = 0) -> list[ModelRecord]:
+        """Models newest first; unreadable rows skipped."""
         _check_page(limit, offset)
         rows = self._all(
             f"SELECT {_MODEL_COLUMNS} FROM charnn_models {_NEWEST} LIMIT %s OFFSET %s",
             (limit, offset),
         )
-        return [_model(r) for r in rows]
+        return self._models(rows)
 
     def count_models(self) -> int:
         row = self._one("SELECT count(*) AS n FROM charnn_models")
@@ -722,21 +1049,22 @@ class PostgresStore:
         return int(row["n"])
 
     def resolve_model(self, id_or_name: str) -> ModelRecord | None:
-        """The model with this id, else the newest model with this name, else None."""
+        """The model with this id, else the newest readable model with this name, else None."""
         model = self.get_model(id_or_name)
         if model is not None:
             return model
         if "\x00" in id_or_name:
             return None  # no stored name has one (and PostgreSQL text cannot)
-        row = self._one(
-            f"SELECT {_MODEL_COLUMNS} FROM charnn_models WHERE name = %s {_NEWEST} LIMIT 1",
+        rows = self._all(
+            f"SELECT {_MODEL_COLUMNS} FROM charnn_models WHERE name = %s {_NEWEST} LIMIT 8",
             (id_or_name,),
         )
-        return _model(row) if row else None
+        return self._first_model(rows)
 
     def newest_model(self) -> ModelRecord | None:
-        row = self._one(f"SELECT {_MODEL_COLUMNS} FROM charnn_models {_NEWEST} LIMIT 1")
-        return _model(row) if row else None
+        """The newest readable model (a damaged newest row does not hide the others)."""
+        rows = self._all(f"SELECT {_MODEL_COLUMNS} FROM charnn_models {_NEWEST} LIMIT 8")
+        return self._first_model(rows)
 
     @property
     def models_version(self) -> int:

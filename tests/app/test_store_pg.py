@@ -3,13 +3,16 @@
 Needs a PostgreSQL server (``CHARNN_TEST_PG_URL``, default the local one with
 trust auth): skipped when none answers, except in CI, which has one. Each test
 session works in a fresh database, dropped at the end; each test in a fresh
-schema of it (``PostgresStore(schema=...)``).
+schema of it (``PostgresStore(schema=...)``). Also ``CeleryRunner.submit`` when
+the broker refuses (it needs the store, not Redis).
 """
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
+import socket
 import threading
 import uuid
 from collections.abc import Iterator
@@ -20,8 +23,17 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from app.store import MetricPoint, Store, StoreError, valid_id
-from app.store_pg import PG_SCHEMA_VERSION, PostgresStore
+from app.store import (
+    JobActiveError,
+    MetricPoint,
+    ModelRecord,
+    QueueFullError,
+    Store,
+    StoreError,
+    StoreUnavailable,
+    valid_id,
+)
+from app.store_pg import PG_SCHEMA_VERSION, NewModel, PostgresStore
 
 from .test_store import (
     BAD_IDS,
@@ -121,6 +133,18 @@ def _age_heartbeat(pg_url: str, schema: str, job_id: str, seconds: float) -> Non
         seconds,
         job_id,
     )
+
+
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    """A loopback port nobody listens on: bound (so nobody else gets it), never listening."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield int(s.getsockname()[1])
+
+
+def _new_model(name: str = "m", data: bytes = b"npz-bytes") -> NewModel:
+    return NewModel(name, data, HYPER, {"val_loss": 1.5}, ["a", "b"], 10, "float32")
 
 
 def _in_threads(n: int, fn: Any) -> list[Any]:
@@ -228,6 +252,11 @@ def test_bad_ids_are_not_found(store: PostgresStore, bad: str) -> None:
     assert store.claim_job(bad, "w", 10) is None
     assert store.heartbeat(bad, "w") == (False, False)
     assert store.request_cancel(bad) is None
+    assert store.update_progress(bad, step=3) is False
+    assert store.delete_job(bad) is False and store.discard_job(bad) is False
+    assert store.finish_owned(bad, "w", "failed") is None
+    assert store.hand_back(bad, "w", b"x") is False
+    assert store.write_state(bad, b"x", worker="w") is False
     assert store.count_models() == 1 and store.count_jobs() == 1
 
 
@@ -261,9 +290,12 @@ def test_bad_arguments(pg_url: str) -> None:
         PostgresStore(pg_url, pool_size=0)
 
 
-def test_unreachable_server_fails_fast() -> None:
-    with pytest.raises(psycopg.OperationalError):
-        PostgresStore("postgresql://postgres@127.0.0.1:1/postgres?connect_timeout=2")
+def test_unreachable_server_fails_fast(closed_port: int) -> None:
+    url = f"postgresql://charnn:s3cret-pw@127.0.0.1:{closed_port}/postgres?connect_timeout=2"
+    with pytest.raises(StoreUnavailable) as caught:
+        PostgresStore(url)
+    assert str(caught.value) == "the database is unreachable"  # a plain reason, no URL
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__
 
 
 def test_writable(store: PostgresStore, pg_url: str, schema: str) -> None:
@@ -501,3 +533,334 @@ def test_concurrent_schema_creation_from_processes() -> None:
             assert s.count_jobs() == 0 and s.writable()
     finally:
         _drop_database(name)
+
+
+# -- admission, progress, deletion, purging (SqliteStore's semantics) ---------------
+
+
+def test_max_queued_holds_across_replicas(pg_url: str, schema: str) -> None:
+    stores = [PostgresStore(pg_url, schema=schema) for _ in range(4)]
+    try:
+
+        def submit(i: int) -> str:
+            try:
+                stores[i % 4].create_job(
+                    f"j{i}", "corpus", HYPER, seed=i, init_from=None, vocab_size=6, max_queued=16
+                )
+            except QueueFullError:
+                return "full"
+            return "stored"
+
+        outcomes = _in_threads(100, submit)
+        assert outcomes.count("stored") == 16 and outcomes.count("full") == 84
+        assert stores[0].count_jobs() == stores[0].count_queued() == 16
+        assert _sql(pg_url, schema, "SELECT count(*) FROM charnn_jobs") == [(16,)]
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_max_queued_counts_only_waiting_jobs(store: PostgresStore) -> None:
+    with pytest.raises(QueueFullError, match="0 jobs are already waiting"):
+        store.create_job("j", "c", HYPER, seed=1, init_from=None, vocab_size=1, max_queued=0)
+    first = store.create_job("a", "c", HYPER, seed=1, init_from=None, vocab_size=1, max_queued=1)
+    with pytest.raises(QueueFullError, match="1 jobs are already waiting"):
+        store.create_job("b", "c", HYPER, seed=1, init_from=None, vocab_size=1, max_queued=1)
+    assert store.claim_job(first.id, "w", 30) is not None  # running: no longer waiting
+    store.create_job("c", "c", HYPER, seed=1, init_from=None, vocab_size=1, max_queued=1)
+    assert [j.name for j in store.list_jobs()] == ["c", "a"]
+
+
+def test_update_progress_only_forwards(store: PostgresStore) -> None:
+    job = _job(store)
+    assert store.update_progress(job.id, step=5, train_loss=2.0, total_steps=100) is True
+    assert store.update_progress(job.id, step=5, train_loss=9.0) is False  # a replay
+    assert store.update_progress(job.id, step=3, train_loss=9.0) is False  # backwards
+    assert store.update_progress(job.id, step=7, val_loss=float("nan"), eta_s=1.5) is True
+    got = store.get_job(job.id)
+    assert got is not None and (got.step, got.train_loss, got.total_steps) == (7, 2.0, 100)
+    assert got.val_loss is None and got.eta_s == 1.5
+    with pytest.raises(ValueError, match="status"):
+        store.update_progress(job.id, step=8, status="failed")
+    with pytest.raises(ValueError, match="integer step"):
+        store.update_progress(job.id, train_loss=1.0)
+    assert store.update_progress("0" * 32, step=1) is False
+
+
+def test_update_progress_racing_writers_never_go_back(store: PostgresStore) -> None:
+    job = _job(store)
+    _in_threads(8, lambda i: [store.update_progress(job.id, step=s) for s in range(i, 200, 8)])
+    got = store.get_job(job.id)
+    assert got is not None and got.step == 199
+
+
+def test_delete_job(store: PostgresStore, pg_url: str, schema: str) -> None:
+    queued, running, done = _job(store, "q"), _job(store, "r"), _job(store, "d")
+    assert store.claim_job(running.id, "w", 30) is not None
+    store.update_job(done.id, status="failed", finished_at=1.0)
+    store.add_metrics(done.id, [MetricPoint(1, 0.1, 2.0)])
+    store.write_state(done.id, b"state")
+    model = _model(store, job_id=done.id)
+    for active, status in ((queued, "queued"), (running, "running")):
+        with pytest.raises(JobActiveError) as caught:
+            store.delete_job(active.id)
+        assert caught.value.status == status
+    assert store.delete_job(done.id) is True
+    assert store.get_job(done.id) is None and store.read_corpus(done.id) is None
+    assert store.get_metrics(done.id) == []
+    assert _sql(pg_url, schema, "SELECT count(*) FROM charnn_metrics") == [(0,)]
+    assert store.get_model(model.id) == model  # its model is kept
+    assert store.delete_job(done.id) is False
+    assert store.count_jobs() == 2
+
+
+def test_discard_job_whatever_its_status(store: PostgresStore) -> None:
+    queued, running = _job(store, "q"), _job(store, "r")
+    assert store.claim_job(running.id, "w", 30) is not None
+    assert store.discard_job(queued.id) is True and store.discard_job(running.id) is True
+    assert store.discard_job(queued.id) is False and store.count_jobs() == 0
+
+
+def test_purge_job_files(store: PostgresStore, pg_url: str, schema: str) -> None:
+    old, recent, active, cancelled = (_job(store, n, corpus=f"text {n}") for n in "abcd")
+    store.update_job(old.id, status="succeeded", finished_at=100.0)
+    store.update_job(recent.id, status="failed", finished_at=5000.0)
+    store.update_job(cancelled.id, status="cancelled", finished_at=200.0)
+    store.claim_job(active.id, "w", 30)
+    store.update_job(active.id, finished_at=50.0)  # running: never purged
+    for job in (old, recent, active):
+        store.write_state(job.id, b"state")
+    store.add_metrics(old.id, [MetricPoint(1, 0.1, 2.0)])
+
+    assert store.purge_job_files(1000.0) == [old.id, cancelled.id]
+    assert store.read_corpus(old.id) == "" and store.read_state(old.id) is None
+    assert store.read_corpus(cancelled.id) == ""
+    assert store.get_job(old.id) is not None and store.get_metrics(old.id)  # rows stay
+    assert store.read_corpus(recent.id) == "text b" and store.read_state(recent.id) == b"state"
+    assert store.read_corpus(active.id) == "text c" and store.read_state(active.id) == b"state"
+    versions = _sql(pg_url, schema, "SELECT id, xmin::text FROM charnn_jobs ORDER BY id")
+    assert store.purge_job_files(1000.0) == []  # nothing left to purge ...
+    assert _sql(pg_url, schema, "SELECT id, xmin::text FROM charnn_jobs ORDER BY id") == versions
+    assert store.purge_job_files(10_000.0) == [recent.id]  # ... and no row rewritten
+
+
+# -- unreadable rows -------------------------------------------------------------
+
+
+def test_unreadable_rows_are_skipped_not_fatal(
+    store: PostgresStore, pg_url: str, schema: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    good_job, bad_job = _job(store, "good"), _job(store, "bad")
+    older, bad_vocab, bad_metrics = (_model(store, "m") for _ in range(3))
+    _sql(pg_url, schema, "UPDATE charnn_jobs SET hyperparameters = %s WHERE id = %s",
+         '"a string"', bad_job.id)  # fmt: skip
+    _sql(pg_url, schema, "UPDATE charnn_models SET vocab = '[1,2]' WHERE id = %s", bad_vocab.id)
+    _sql(pg_url, schema, "UPDATE charnn_models SET metrics = '[]' WHERE id = %s", bad_metrics.id)
+    with pytest.raises(psycopg.errors.CheckViolation):  # the schema refuses a bad status
+        _sql(pg_url, schema, "UPDATE charnn_jobs SET status = 'lost' WHERE id = %s", good_job.id)
+
+    with caplog.at_level(logging.ERROR, logger="charnn.store"):
+        assert [j.id for j in store.list_jobs()] == [good_job.id]
+        assert [j.id for j in store.jobs_to_resume()] == [good_job.id]
+        assert store.get_job(bad_job.id) is None
+        assert store.update_job(bad_job.id, name="renamed") is None
+        assert store.request_cancel(bad_job.id) is None
+        assert [m.id for m in store.list_models()] == [older.id]
+        assert store.newest_model() == older  # a damaged newest row hides no other
+        assert store.resolve_model("m") == older
+        assert store.get_model(bad_vocab.id) is None and store.get_model(bad_metrics.id) is None
+        store.list_jobs()
+    assert store.count_jobs() == 2 and store.count_models() == 3  # counted, not hidden
+    logged = [r.getMessage() for r in caplog.records]
+    assert sum(bad_job.id in m for m in logged) == 1  # logged once, not at every listing
+    assert any(bad_vocab.id in m for m in logged) and any(bad_metrics.id in m for m in logged)
+
+
+def test_an_unreadable_job_fails_when_claimed(
+    store: PostgresStore, pg_url: str, schema: str
+) -> None:
+    job = _job(store)
+    _sql(pg_url, schema, "UPDATE charnn_jobs SET hyperparameters = '[]' WHERE id = %s", job.id)
+    assert store.claim_job(job.id, "w", 30) is None  # no worker can run it ...
+    rows = _sql(pg_url, schema, "SELECT status, error FROM charnn_jobs WHERE id = %s", job.id)
+    assert rows[0][0] == "failed" and "damaged" in rows[0][1]  # ... so it is not re-sent
+    assert store.requeue_stale(0) == [] and store.count_queued() == 0
+
+
+# -- failures of the database: StoreUnavailable, plain reasons ----------------------
+
+
+def test_a_server_gone_away_is_unavailable(
+    store: PostgresStore, pg_url: str, closed_port: int
+) -> None:
+    job = _job(store)
+    store._pool._conninfo = make_conninfo(  # the server "moves away"
+        f"postgresql://charnn:s3cret-pw@127.0.0.1:{closed_port}/postgres", connect_timeout=2
+    )
+    dbname = conninfo_to_dict(pg_url)["dbname"]
+    _sql(pg_url, "public",
+         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+         "WHERE datname = %s AND application_name = 'charnn'", dbname)  # fmt: skip
+    for call in (
+        lambda: store.get_job(job.id),
+        lambda: store.list_jobs(),
+        lambda: _job(store),
+        lambda: store.update_progress(job.id, step=3),
+        lambda: store.finish_owned(job.id, "w", "failed"),
+    ):
+        with pytest.raises(StoreUnavailable) as caught:
+            call()
+        reason = str(caught.value)
+        assert reason == "the database is unreachable"
+        assert "s3cret" not in reason and str(closed_port) not in reason
+    assert store.writable() is False
+
+
+def test_read_only_session_refuses_writes(store: PostgresStore, pg_url: str, schema: str) -> None:
+    job = _job(store)
+    one = PostgresStore(pg_url, schema=schema, pool_size=1)  # one connection: always the same
+    try:
+        with one._pool.connection() as conn:
+            conn.execute("SET default_transaction_read_only = on")
+        writes = (
+            lambda: _job(one),
+            lambda: one.update_job(job.id, step=2),
+            lambda: one.update_progress(job.id, step=2),
+            lambda: one.delete_job(job.id),
+            lambda: one.claim_job(job.id, "w", 30),
+            lambda: one.add_model("m", None, b"x", HYPER, {}, ["a"], 1, "float32"),
+            lambda: one.write_state(job.id, b"x"),
+            lambda: one.purge_job_files(1e12),
+        )
+        for write in writes:
+            with pytest.raises(
+                StoreUnavailable, match=r"^the database refused the write \(read-only\)$"
+            ):
+                write()
+        assert one.get_job(job.id) == job  # reads still work
+        assert one.writable() is False
+    finally:
+        one.close()
+    assert store.count_jobs() == 1 and store.count_models() == 0 and store.writable()
+
+
+def test_read_only_database_refuses_writes() -> None:
+    name, url = _create_database()
+    try:
+        with PostgresStore(url) as store:
+            job = _job(store)
+        with psycopg.connect(SERVER_URL, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("ALTER DATABASE {} SET default_transaction_read_only = on").format(
+                    sql.Identifier(name)
+                )
+            )
+        try:
+            with PostgresStore(url) as ro:  # opening an up-to-date schema only reads
+                assert ro.get_job(job.id) == job and ro.writable() is False
+                with pytest.raises(StoreUnavailable, match="read-only"):
+                    ro.create_job("x", "c", HYPER, seed=1, init_from=None, vocab_size=1)
+                with pytest.raises(StoreUnavailable, match="read-only"):
+                    ro.request_cancel(job.id)
+                assert ro.count_jobs() == 1
+        finally:
+            with psycopg.connect(SERVER_URL, autocommit=True) as conn:
+                conn.execute(
+                    sql.SQL("ALTER DATABASE {} RESET default_transaction_read_only").format(
+                        sql.Identifier(name)
+                    )
+                )
+        with PostgresStore(url) as again:
+            assert again.writable() and again.request_cancel(job.id) is not None
+    finally:
+        _drop_database(name)
+
+
+# -- conditional finish --------------------------------------------------------------
+
+
+def test_finish_owned_only_by_the_owner(store: PostgresStore, pg_url: str, schema: str) -> None:
+    job = _job(store)
+    assert store.claim_job(job.id, "A", 30) is not None
+    _age_heartbeat(pg_url, schema, job.id, 60)  # A stalls ...
+    assert store.requeue_stale(30) == [job.id]
+    assert store.claim_job(job.id, "B", 30) is not None  # ... and B takes over
+    version = store.models_version
+
+    assert store.finish_owned(job.id, "A", "succeeded", model=_new_model("from A")) is False
+    assert store.hand_back(job.id, "A", b"A's state") is False
+    assert store.write_state(job.id, b"A's state", worker="A") is False
+    assert store.count_models() == 0 and store.models_version == version  # nothing written
+    after = store.get_job(job.id)
+    assert after is not None and after.status == "running" and after.model_id is None
+    assert store.heartbeat(job.id, "B") == (True, False)  # still B's
+    assert store.read_state(job.id) is None
+
+    assert store.write_state(job.id, b"B's state", worker="B") is True
+    model = store.finish_owned(job.id, "B", "succeeded", model=_new_model("from B", b"bytes"))
+    assert isinstance(model, ModelRecord) and model.job_id == job.id and model.name == "from B"
+    assert (model.vocab, model.param_count, model.size_bytes) == (["a", "b"], 10, 5)
+    assert store.read_model_bytes(model.id) == b"bytes"
+    assert store.models_version == version + 1
+    done = store.get_job(job.id)
+    assert done is not None and done.status == "succeeded" and done.model_id == model.id
+    assert done.finished_at is not None and done.error is None
+    # A retry (say, after a commit whose answer was lost) writes nothing more.
+    assert store.finish_owned(job.id, "B", "succeeded", model=_new_model()) is False
+    assert store.count_models() == 1 and store.heartbeat(job.id, "B") == (False, False)
+
+
+def test_finish_owned_outcomes(store: PostgresStore) -> None:
+    failed, cancelled, queued = _job(store, "f"), _job(store, "c"), _job(store, "q")
+    for job in (failed, cancelled):
+        assert store.claim_job(job.id, "w", 30) is not None
+    assert store.finish_owned(failed.id, "w", "failed", error="boom\x00") is True
+    assert store.finish_owned(cancelled.id, "w", "cancelled") is True
+    got = store.get_job(failed.id)
+    assert got is not None and (got.status, got.error, got.model_id) == (
+        "failed",
+        "boom\ufffd",
+        None,
+    )
+    got = store.get_job(cancelled.id)
+    assert got is not None and got.status == "cancelled" and got.finished_at is not None
+    assert store.finish_owned(queued.id, "w", "failed") is False  # not running: nobody owns it
+    assert store.finish_owned("0" * 32, "w", "failed") is None  # no such job
+    with pytest.raises(ValueError, match="finished status"):
+        store.finish_owned(queued.id, "w", "running")
+    with pytest.raises(ValueError, match="only a succeeded job"):
+        store.finish_owned(queued.id, "w", "failed", model=_new_model())
+    assert store.count_models() == 0
+
+
+def test_hand_back(store: PostgresStore) -> None:
+    job = _job(store)
+    assert store.claim_job(job.id, "w", 30) is not None
+    assert store.hand_back(job.id, "w", b"latest") is True
+    back = store.get_job(job.id)
+    assert back is not None and back.status == "queued" and store.read_state(job.id) == b"latest"
+    assert store.heartbeat(job.id, "w") == (False, False)
+    assert store.hand_back(job.id, "w", b"again") is False  # queued: not running here
+    assert store.claim_job(job.id, "w2", 30) is not None  # the next worker takes it
+
+
+# -- CeleryRunner.submit when the broker refuses ------------------------------------
+
+
+def test_submit_refused_by_the_broker_stores_nothing(
+    store: PostgresStore, pg_url: str, closed_port: int
+) -> None:
+    from app.distributed import CeleryRunner
+    from app.settings import Settings
+
+    settings = Settings(database_url=pg_url, broker_url=f"redis://127.0.0.1:{closed_port}/0")
+    runner = CeleryRunner(store, settings)
+    try:
+        job = _job(store)
+        with pytest.raises(StoreUnavailable) as caught:
+            runner.submit(job.id)
+        assert str(caught.value) == "the job queue (broker) is unreachable; nothing was stored"
+        assert store.get_job(job.id) is None and store.count_jobs() == 0
+        assert runner.alive() is False
+    finally:
+        runner.stop()
