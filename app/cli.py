@@ -2,6 +2,7 @@
 
     charnn serve [--host --port --data-dir --reload]
     charnn worker [--concurrency N --loglevel info]   (with CHARNN_BROKER_URL, CHARNN_DATABASE_URL)
+    charnn check DATA_DIR [--repair]
     charnn train CORPUS.txt --out model.npz [--hidden-size ... --max-steps ...]
     charnn sample|predict|score model.npz ...
     charnn remote train|jobs|predict|generate|score|models|download|upload ... [--url URL]
@@ -132,6 +133,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.data_dir is not None:
         os.environ["CHARNN_DATA_DIR"] = str(args.data_dir)
     settings = _settings()
+    _preflight(settings)
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     print(
         f"charnn: serving on http://{args.host}:{args.port} ({_where(settings)}); "
@@ -149,9 +151,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, stopped)
     signal.signal(signal.SIGINT, stopped)
     uvicorn.run(
-        "app.main:app", host=args.host, port=args.port, reload=args.reload, log_level=args.log_level
+        "app.main:app",
+        host=args.host,
+        port=args.port,
+        reload=args.reload,
+        log_level=args.log_level,
+        http="app.http_protocol:HeaderTimeoutProtocol",
+        timeout_keep_alive=settings.keep_alive_s,
+        timeout_graceful_shutdown=settings.shutdown_timeout_s,
     )
     return 0
+
+
+def _preflight(settings: Any) -> None:
+    """Open the data directory once before serving: one clear line (in use by another
+    server, damaged, not writable) instead of a failed start-up's traceback."""
+    if settings.distributed:
+        return
+    from .store import SqliteStore, StoreError
+
+    try:
+        SqliteStore(settings.data_dir).close()
+    except StoreError as e:
+        raise CliError(str(e)) from None
 
 
 def _settings() -> Any:
@@ -214,6 +236,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
     argv += ["--without-gossip"]
     celery_app.worker_main(argv)
     return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Check a data directory (and with --repair mend it); exit 1 if problems remain."""
+    from .check import check_data_dir
+
+    report = check_data_dir(Path(args.data_dir), repair=args.repair)
+    for line in report.lines:
+        print(line)
+    return 0 if report.ok else 1
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -538,6 +570,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--name", help="Celery node name (default charnn-<pid>@<host>)")
     p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser(
+        "check", help="check a data directory: database, rows against files (--repair mends)"
+    )
+    p.add_argument("data_dir", help="the server's data directory (e.g. ./charnn-data)")
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="mend what can be mended (stop the server first): rebuild a lost or damaged "
+        "database's model list from the model files, drop rows whose files are gone",
+    )
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("train", help="train a model on a text file, locally (no server)")
     p.add_argument("corpus", help="UTF-8 text file ('-': standard input)")

@@ -14,8 +14,22 @@ Every failure is one exception, :class:`ApiError`, whose ``str()`` is one line:
 * :meth:`Job.wait` raises :class:`JobFailed` (``status`` 0, ``code`` ``job_failed`` or
   ``job_cancelled``) when the job does not succeed, so a finished ``wait`` means a model.
 
-Both clients build each request with the same helpers (``_Call``) and read each answer
-with the same parsers; only sending differs.
+A request that is safe to repeat is sent once more, on another connection (httpx drops
+the dead one from its pool), when the connection it went out on was found dead before an
+answer came: ``httpx.RemoteProtocolError``, ``ReadError`` or ``WriteError``, what a
+kept-alive connection gives when the server closes it, idle, just as a request goes out on
+it. Safe to repeat are every plain GET, ``delete_model`` (a DELETE), and ``predict``,
+``score`` and ``generate``, which compute an answer and change nothing (an unseeded
+``generate`` sent again answers a new sample, as good as the lost one; a ``delete_model``
+sent again after its first try did reach the server answers 404). Only once: if the repeat
+fails too, its failure is the ApiError. Never repeated: ``train``, ``Job.cancel`` and
+``upload``, which change the server (one that failed so may or may not have happened: look
+before trying again); timeouts and refused connections (a server slow or not there); and
+the event streams (``Job.events``, ``stream_generate``; :meth:`Job.wait` reconnects by
+itself).
+
+Both clients build each request with the same helpers (``_Call``, which also says whether
+it is safe to repeat) and read each answer with the same parsers; only sending differs.
 """
 
 from __future__ import annotations
@@ -34,7 +48,7 @@ from collections.abc import (
     Iterator,
     Sequence,
 )
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Generic, Literal, Self, TypeVar
@@ -63,6 +77,10 @@ TERMINAL: tuple[JobStatus, ...] = ("succeeded", "failed", "cancelled")
 # The job event stream sends a keep-alive every 15 s, so a longer silence means trouble.
 _EVENTS_READ_TIMEOUT = 60.0
 _RECONNECT_DELAY_S = 0.5
+# A kept-alive connection found dead only once the request was on it (the server closed it,
+# idle, just then): no answer came, so a request that is safe to repeat is sent again.
+# Not timeouts, nor ConnectError: those are a server that is slow or not there at all.
+_DEAD_CONNECTION = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
@@ -135,11 +153,17 @@ class JobEvent:
 
 @dataclass(frozen=True)
 class _Call(Generic[T]):
-    """One request and how to read its (2xx) answer."""
+    """One request and how to read its (2xx) answer.
+
+    ``retry_safe``: sending it twice does no harm (it changes nothing on the server, or the
+    second time changes nothing more), so ``_run`` sends it again when its connection was
+    dead (``_DEAD_CONNECTION``). Each endpoint says so here, for both clients.
+    """
 
     method: str
     path: str
     parse: Callable[[httpx.Response], T]
+    retry_safe: bool = field(kw_only=True)
     json: Any = None
     params: dict[str, Any] | None = None
     content: bytes | None = None
@@ -179,7 +203,7 @@ def _given(**fields: Any) -> dict[str, Any]:
 
 
 def _health(ready: bool) -> _Call[Health]:
-    return _Call("GET", "/readyz" if ready else "/healthz", _as(Health))
+    return _Call("GET", "/readyz" if ready else "/healthz", _as(Health), retry_safe=True)
 
 
 def _train(
@@ -192,36 +216,39 @@ def _train(
     body = _given(corpus=corpus, name=name, seed=seed, init_from=init_from)
     if hyperparameters:  # sent as given: an explicit None (e.g. max_steps) means something
         body["hyperparameters"] = hyperparameters
-    return _Call("POST", "/jobs", _as(JobOut), json=body)
+    return _Call("POST", "/jobs", _as(JobOut), json=body, retry_safe=False)  # a second job
 
 
 def _jobs(status: JobStatus | None, limit: int, offset: int) -> _Call[JobList]:
     params = _given(status=status, limit=limit, offset=offset)
-    return _Call("GET", "/jobs", _as(JobList), params=params)
+    return _Call("GET", "/jobs", _as(JobList), params=params, retry_safe=True)
 
 
 def _job(job_id: str) -> _Call[JobOut]:
-    return _Call("GET", f"/jobs/{_seg(job_id)}", _as(JobOut))
+    return _Call("GET", f"/jobs/{_seg(job_id)}", _as(JobOut), retry_safe=True)
 
 
 def _metrics(job_id: str, after_step: int) -> _Call[MetricsOut]:
+    path = f"/jobs/{_seg(job_id)}/metrics"
     params = {"after_step": after_step}
-    return _Call("GET", f"/jobs/{_seg(job_id)}/metrics", _as(MetricsOut), params=params)
+    return _Call("GET", path, _as(MetricsOut), params=params, retry_safe=True)
 
 
 def _cancel(job_id: str) -> _Call[JobOut]:
-    return _Call("POST", f"/jobs/{_seg(job_id)}/cancel", _as(JobOut))
+    # A repeat could answer 409 for a cancel that did happen.
+    return _Call("POST", f"/jobs/{_seg(job_id)}/cancel", _as(JobOut), retry_safe=False)
 
 
 def _events(job_id: str) -> _Call[None]:
-    return _Call("GET", f"/jobs/{_seg(job_id)}/events", _nothing)
+    # A stream: not repeated by _run (Job.wait reconnects by itself).
+    return _Call("GET", f"/jobs/{_seg(job_id)}/events", _nothing, retry_safe=False)
 
 
 def _predict(
     text: str, model: str | None, top_k: int | None, temperature: float, unknown: Unknown
 ) -> _Call[PredictOut]:
     body = _given(model=model, text=text, top_k=top_k, temperature=temperature, unknown=unknown)
-    return _Call("POST", "/predict", _as(PredictOut), json=body)
+    return _Call("POST", "/predict", _as(PredictOut), json=body, retry_safe=True)  # pure
 
 
 def _generate(
@@ -248,27 +275,32 @@ def _generate(
         stop=list(stop),
         stream=stream,
     )
-    return _Call("POST", "/generate", _as(GenerateOut), json=body)
+    # Pure compute, the same text again given a seed (unseeded: another sample, just as
+    # good). Streamed, it is not repeated by _run: the stream may have started.
+    return _Call("POST", "/generate", _as(GenerateOut), json=body, retry_safe=not stream)
 
 
 def _score(text: str, model: str | None) -> _Call[ScoreOut]:
-    return _Call("POST", "/score", _as(ScoreOut), json=_given(model=model, text=text))
+    body = _given(model=model, text=text)
+    return _Call("POST", "/score", _as(ScoreOut), json=body, retry_safe=True)  # pure
 
 
 def _models(limit: int, offset: int) -> _Call[ModelList]:
-    return _Call("GET", "/models", _as(ModelList), params={"limit": limit, "offset": offset})
+    params = {"limit": limit, "offset": offset}
+    return _Call("GET", "/models", _as(ModelList), params=params, retry_safe=True)
 
 
 def _model(model_id: str) -> _Call[ModelOut]:
-    return _Call("GET", f"/models/{_seg(model_id)}", _as(ModelOut))
+    return _Call("GET", f"/models/{_seg(model_id)}", _as(ModelOut), retry_safe=True)
 
 
 def _delete_model(model_id: str) -> _Call[None]:
-    return _Call("DELETE", f"/models/{_seg(model_id)}", _nothing)
+    # Idempotent: a repeat deletes nothing more (404 if the first one did reach the server).
+    return _Call("DELETE", f"/models/{_seg(model_id)}", _nothing, retry_safe=True)
 
 
 def _download(model_id: str) -> _Call[bytes]:
-    return _Call("GET", f"/models/{_seg(model_id)}/checkpoint", _content)
+    return _Call("GET", f"/models/{_seg(model_id)}/checkpoint", _content, retry_safe=True)
 
 
 def _upload(data_or_path: bytes | str | os.PathLike[str], name: str | None) -> _Call[ModelOut]:
@@ -283,6 +315,7 @@ def _upload(data_or_path: bytes | str | os.PathLike[str], name: str | None) -> _
         content=data,
         params=_given(name=name),
         headers={"Content-Type": "application/octet-stream"},
+        retry_safe=False,  # a second copy of the model
     )
 
 
@@ -435,8 +468,18 @@ class Client(_Base):
 
     def _run(self, call: _Call[T]) -> T:
         with self._translated():
-            r = self._http.request(call.method, call.path, **call.kwargs())
+            r = self._send(call)
         return self._parsed(call, r)
+
+    def _send(self, call: _Call[Any]) -> httpx.Response:
+        """The answer, asking a second time if ``retry_safe`` and the connection was dead."""
+        try:
+            return self._http.request(call.method, call.path, **call.kwargs())
+        except _DEAD_CONNECTION:
+            if not call.retry_safe:
+                raise
+            # Inside ``except``: a second failure is raised, with the first as its context.
+            return self._http.request(call.method, call.path, **call.kwargs())
 
     def _stream(
         self,
@@ -503,7 +546,11 @@ class Client(_Base):
         seed: int | None = None,
         stop: Sequence[str] = (),
     ) -> GenerateOut:
-        """Sampled text after ``prompt`` (the prompt itself is not repeated)."""
+        """Sampled text after ``prompt`` (the prompt itself is not repeated).
+
+        Sent again if its connection was found dead (see the module's docstring): with a
+        ``seed`` that answers the same text; without one, maybe another sample.
+        """
         call = _generate(prompt, model, max_chars, temperature, top_k, top_p, seed, stop, False)
         return self._run(call)
 
@@ -655,8 +702,16 @@ class AsyncClient(_Base):
 
     async def _run(self, call: _Call[T]) -> T:
         with self._translated():
-            r = await self._http.request(call.method, call.path, **call.kwargs())
+            r = await self._send(call)
         return self._parsed(call, r)
+
+    async def _send(self, call: _Call[Any]) -> httpx.Response:
+        try:
+            return await self._http.request(call.method, call.path, **call.kwargs())
+        except _DEAD_CONNECTION:
+            if not call.retry_safe:
+                raise
+            return await self._http.request(call.method, call.path, **call.kwargs())
 
     async def _stream(
         self,

@@ -10,6 +10,10 @@ replica whichever worker runs the job.
 Pub/sub is fire-and-forget: a replica that is disconnected from Redis misses
 the events of that moment. The store stays the truth (``GET /jobs/{id}``); the
 events only make progress visible sooner.
+
+A job the broker refuses (Redis unreachable) is deleted again and the request
+answered 503 (``StoreUnavailable``): nothing is stored that no worker would ever
+run.
 """
 
 from __future__ import annotations
@@ -18,14 +22,17 @@ import json
 import logging
 import threading
 import time
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 import redis
 
 from .runner import OnEvent
 from .settings import Settings
-from .store import JobRecord, Store
+from .store import JobRecord, JobStatus, ModelRecord, Store, StoreUnavailable
+
+if TYPE_CHECKING:
+    from .store_pg import NewModel
 
 log = logging.getLogger("charnn.distributed")
 
@@ -41,11 +48,22 @@ class SharedStore(Store, Protocol):
 
     def read_corpus(self, job_id: str) -> str | None: ...
     def read_state(self, job_id: str) -> bytes | None: ...
-    def write_state(self, job_id: str, data: bytes) -> None: ...
+    def write_state(self, job_id: str, data: bytes, *, worker: str | None = None) -> bool: ...
     def claim_job(self, job_id: str, worker: str, stale_after_s: float) -> JobRecord | None: ...
     def heartbeat(self, job_id: str, worker: str) -> tuple[bool, bool]: ...
     def request_cancel(self, job_id: str) -> JobRecord | None: ...
     def requeue_stale(self, stale_after_s: float) -> list[str]: ...
+    def finish_owned(
+        self,
+        job_id: str,
+        worker: str,
+        status: JobStatus,
+        *,
+        error: str | None = None,
+        model: NewModel | None = None,
+    ) -> ModelRecord | bool | None: ...
+    def hand_back(self, job_id: str, worker: str, state: bytes | None) -> bool: ...
+    def discard_job(self, job_id: str) -> bool: ...
     def count_queued(self) -> int: ...
 
 
@@ -215,6 +233,10 @@ class CeleryRunner:
         if self._subscriber is not None:
             self._subscriber.start()
 
+    def begin_stop(self) -> None:
+        """Nothing to ask of anyone: workers own the running jobs, not this replica (a
+        worker's own shutdown hands its job back)."""
+
     def stop(self) -> None:
         if self._subscriber is not None:
             self._subscriber.stop()
@@ -238,13 +260,21 @@ class CeleryRunner:
         return self.store.count_queued()
 
     def submit(self, job_id: str) -> None:
+        """Send the stored job to the workers. When the broker refuses, the job is
+        deleted again (no message: no worker would ever run it, and a ``failed`` row
+        would tell of a job the client was refused) and ``StoreUnavailable`` raised, so
+        the request is a 503 with nothing stored."""
         try:
             self._celery.send_task(TRAIN_TASK, args=[job_id])
         except Exception:
-            # No message, no worker will ever run it: do not leave it counting as queued.
-            error = "the job could not be queued: the broker is unreachable"
-            self.store.update_job(job_id, status="failed", finished_at=time.time(), error=error)
-            raise
+            log.warning("job %s: the broker refused it", job_id, exc_info=True)
+            try:
+                self.store.discard_job(job_id)
+            except Exception:  # the database is down too: the row stays queued, unsent
+                log.error("job %s: could not delete it after the broker refused it", job_id)
+            raise StoreUnavailable(
+                "the job queue (broker) is unreachable; nothing was stored"
+            ) from None
 
     def cancel(self, job_id: str) -> bool:
         """True if the job was queued (now ``cancelled``) or running (it will be)."""

@@ -19,6 +19,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model.errors import CheckpointError, ConfigError, CorpusError, UnknownCharactersError
 
+from .store import QueueFullError, StoreError, StoreUnavailable
+
 log = logging.getLogger("charnn.errors")
 
 
@@ -76,6 +78,10 @@ class QueueFull(ApiError):
 
 class Unavailable(ApiError):
     status, code = 503, "unavailable"
+
+
+RETRY_AFTER_S = "10"
+RETRY_AFTER = {"Retry-After": RETRY_AFTER_S}
 
 
 # model/ exceptions a client can cause, and how they answer.
@@ -156,6 +162,21 @@ def install_error_handlers(app: FastAPI) -> None:
             return error_response(status, code, str(exc), details)
 
         app.add_exception_handler(exc_type, model_error)
+
+    @app.exception_handler(QueueFullError)
+    async def queue_full(_: Request, exc: QueueFullError) -> JSONResponse:
+        message = f"{exc}; try again later"
+        return error_response(429, QueueFull.code, message, headers=RETRY_AFTER)
+
+    @app.exception_handler(StoreError)
+    async def store_unavailable(_: Request, exc: StoreError) -> JSONResponse:
+        # The machine's fault, not the client's: 503 with the plain reason; nothing was
+        # half done (the store's promise), so the client may simply try again.
+        log.warning("store unavailable: %s", exc)
+        # StoreUnavailable says it in plain words; other store errors (start-up ones) may
+        # name the data directory: the client gets the general statement only.
+        message = str(exc) if isinstance(exc, StoreUnavailable) else "the store is unavailable"
+        return error_response(503, Unavailable.code, message, headers=RETRY_AFTER)
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:

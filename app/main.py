@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from fastapi.middleware.cors import CORSMiddleware
 from threadpoolctl import threadpool_limits
 
 from .deps import AppState
@@ -24,9 +23,14 @@ from .errors import install_error_handlers
 from .events import EventHub
 from .limits import BodyLimitMiddleware
 from .model_cache import ModelCache
+from .model_schemas import GenerateIn, PredictIn, ScoreIn
+from .openapi import install_openapi
 from .routes import demo, health, jobs, models
 from .runner import ProcessRunner, Runner
+from .schemas import JobCreate
+from .security import JsonCORSMiddleware, SecurityHeadersMiddleware
 from .settings import Settings, get_settings
+from .shutdown import ShutdownWatch
 from .store import SqliteStore, Store
 
 
@@ -51,22 +55,32 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             runner = CeleryRunner(shared, settings, on_event=events.publish)
             await asyncio.to_thread(runner.start)
         else:
-            store = SqliteStore(settings.data_dir)
+            store = SqliteStore(settings.data_dir)  # StoreError: in use, damaged -> no start
             runner = ProcessRunner(
                 store,
                 max_concurrent_jobs=settings.max_concurrent_jobs,
-                max_queued_jobs=settings.max_queued_jobs,
                 job_threads=settings.job_threads,
                 job_nice=settings.job_nice,
                 checkpoint_every_s=settings.checkpoint_every_s,
+                limits=settings.model_limits,
+                job_files_retention_s=settings.job_files_retention_s,
                 on_event=events.publish,
             )
             runner.start()
+
+        def shutting_down() -> None:
+            events.close()  # every event stream ends now: nothing holds the shutdown up
+            runner.begin_stop()  # jobs checkpoint while the server drains its connections
+
+        watch = ShutdownWatch(asyncio.get_running_loop(), shutting_down)
+        watch.install()
         cache = ModelCache(store, settings.model_cache_size)
         app.state.charnn = AppState(settings, store, runner, events, cache)
         try:
             yield
         finally:
+            watch.uninstall()
+            watch.fire()
             await asyncio.to_thread(runner.stop)
             store.close()
             blas.restore_original_limits()
@@ -81,15 +95,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     if settings.cors_origins:
         app.add_middleware(
-            CORSMiddleware,
+            JsonCORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["Authorization", "X-API-Key", "Content-Type"],
         )
+    app.add_middleware(SecurityHeadersMiddleware)
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(models.router)
     demo.mount(app)
+    install_openapi(app, [JobCreate, PredictIn, GenerateIn, ScoreIn])
     return app
 
 

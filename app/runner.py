@@ -9,9 +9,15 @@ run, reads their JSON messages (app/worker.py) from a pipe, persists progress
 and metric points as they arrive, and notices a child that died without a last
 word (OOM killer, SIGKILL): that job fails with the exit code as the reason.
 
-Stopping the runner (the app's lifespan shutdown) asks every child to stop
+Every job ends in a recorded state: an outcome the store refuses (a full disk)
+is kept and written again every second until it is, and failure reasons are
+plain words ("the disk is full"), never a path. Stopping the runner (the
+server's shutdown signal, then the lifespan's end) asks every child to stop
 between steps; they checkpoint, and their jobs go back to ``queued`` so the
-next start resumes them from the checkpoint.
+next start resumes them. Job processes treat SIGINT and SIGTERM as that same
+request, so a Ctrl-C meant for the server never fails a job. Every
+``PURGE_EVERY_S`` the corpus and state of jobs finished longer ago than
+``job_files_retention_s`` are removed.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import signal
 import threading
 import time
 from collections import deque
@@ -29,17 +36,20 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.synchronize import Event
 from typing import Any, Protocol
 
-from .store import JobRecord, MetricPoint, ModelRecord, Store
-from .worker import JobSpec, run_job
+from model.errors import CheckpointError
+
+from . import job_process
+from .faults import describe_os_error
+from .model_meta import ModelLimits, ValidModel, validate_model_bytes
+from .store import JobRecord, MetricPoint, ModelRecord, Store, StoreError
+from .worker import JobSpec
 
 log = logging.getLogger("charnn.runner")
 
 OnEvent = Callable[[str, dict[str, Any]], None]
 STOP_GRACE_S = 10.0  # a child that does not stop within this after being asked is killed
-
-
-class QueueFullError(Exception):
-    """More jobs are waiting than ``max_queued_jobs`` allows."""
+PENDING_RETRY_S = 1.0  # how often an outcome the store refused is written again
+PURGE_EVERY_S = 600.0  # how often finished jobs' old files are looked for
 
 
 class Runner(Protocol):
@@ -47,6 +57,7 @@ class Runner(Protocol):
     (app/distributed.py) when jobs run on Celery workers."""
 
     def start(self) -> None: ...
+    def begin_stop(self) -> None: ...
     def stop(self) -> None: ...
     def submit(self, job_id: str) -> None: ...
     def cancel(self, job_id: str) -> bool: ...
@@ -54,15 +65,18 @@ class Runner(Protocol):
     def queued(self) -> int: ...
 
 
-def record_progress(store: Store, job_id: str, m: dict[str, Any]) -> None:
+def record_progress(store: Store, job_id: str, m: dict[str, Any]) -> bool:
     """Persist a ``progress`` message: the job's latest figures and one metric point.
 
-    Shared by every runner, so a job looks the same whichever one ran it."""
+    A job resumed from an older checkpoint replays steps it already reported; those
+    are not recorded again (progress never goes backwards). True if recorded: then,
+    and only then, the caller announces it. Shared by every runner, so a job looks
+    the same whichever one ran it."""
     total = m.get("total_steps")
     eta = None
     if total and m["step"] and m["elapsed_s"]:
         eta = m["elapsed_s"] / m["step"] * max(total - m["step"], 0)
-    store.update_job(
+    recorded = store.update_progress(
         job_id,
         step=m["step"],
         total_steps=total,
@@ -71,43 +85,35 @@ def record_progress(store: Store, job_id: str, m: dict[str, Any]) -> None:
         chars_per_sec=m.get("chars_per_sec"),
         eta_s=eta,
     )
-    point = MetricPoint(m["step"], m["elapsed_s"], m["train_loss"], m.get("val_loss"))
-    store.add_metrics(job_id, [point])
+    if recorded:
+        point = MetricPoint(m["step"], m["elapsed_s"], m["train_loss"], m.get("val_loss"))
+        store.add_metrics(job_id, [point])
+    return recorded
 
 
-def store_model(store: Store, name: str, job_id: str, m: dict[str, Any]) -> ModelRecord:
-    """Store the model a ``succeeded`` message names (its ``model_file``) as a new model."""
+def job_model(m: dict[str, Any], limits: ModelLimits) -> tuple[bytes, ValidModel]:
+    """The model a ``succeeded`` message names (its ``model_file``), validated exactly as
+    an upload is (CheckpointError if it is not something every route can read back)."""
     with open(m["model_file"], "rb") as f:
         data = f.read()
+    return data, validate_model_bytes(data, limits, max_bytes=max(len(data), 1))
+
+
+def store_model(
+    store: Store, name: str, job_id: str, m: dict[str, Any], limits: ModelLimits
+) -> ModelRecord:
+    """Store the model a ``succeeded`` message names as a new model."""
+    data, valid = job_model(m, limits)
     return store.add_model(
         name,
         job_id,
         data,
-        m["hyperparameters"],
-        m["metrics"],
-        m["vocab"],
-        m["param_count"],
-        m["dtype"],
+        valid.hyperparameters,
+        valid.metrics,
+        valid.vocab,
+        valid.param_count,
+        valid.dtype,
     )
-
-
-def _job_main(spec: dict[str, Any], conn: Connection, stop: Event) -> None:
-    """Entry point of a job process (spawned: a fresh interpreter)."""
-
-    def send(message: dict[str, Any]) -> None:
-        conn.send_bytes(json.dumps(message, allow_nan=False).encode())
-
-    try:
-        job = JobSpec(**spec)
-        if job.nice:
-            os.nice(job.nice)  # inherited by the job's shard process
-        run_job(job, send, stop.is_set)
-    except Exception as exc:  # a bug or an I/O failure: report it without a traceback
-        log.exception("job %s crashed", spec.get("job_id"))
-        name = type(exc).__name__
-        send({"type": "failed", "error": f"internal error in the training process ({name})"})
-    finally:
-        conn.close()
 
 
 @dataclass
@@ -116,6 +122,7 @@ class _Running:
     process: mp.process.BaseProcess
     conn: Connection
     stop: Event
+    model_path: str
     cancelled: bool = False
     stop_asked_at: float | None = None
     finished: bool = False
@@ -127,22 +134,29 @@ class ProcessRunner:
         store: Store,
         *,
         max_concurrent_jobs: int,
-        max_queued_jobs: int,
         job_threads: int,
         job_nice: int = 0,
         checkpoint_every_s: float,
+        limits: ModelLimits,
+        job_files_retention_s: float = 7 * 86_400,
         on_event: OnEvent | None = None,
     ) -> None:
         self.store = store
         self.max_concurrent = max_concurrent_jobs
-        self.max_queued = max_queued_jobs
         self.job_threads = job_threads
         self.job_nice = job_nice
         self.checkpoint_every_s = checkpoint_every_s
+        self.limits = limits
+        self.retention_s = job_files_retention_s
         self.on_event = on_event
         self._ctx = mp.get_context("spawn")
         self._queue: deque[str] = deque()
         self._running: dict[str, _Running] = {}
+        # Outcomes that could not be recorded yet (e.g. the disk is full): retried until
+        # they are, so a job never stays "running" once its process is gone.
+        self._pending: dict[str, tuple[str, dict[str, Any]]] = {}
+        self._retry_at = 0.0
+        self._purge_at = 0.0
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
@@ -159,14 +173,21 @@ class ProcessRunner:
         self._thread = threading.Thread(target=self._supervise, name="charnn-runner", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
-        """Ask every job to stop between steps (they checkpoint), then wait for them."""
+    def begin_stop(self) -> None:
+        """Ask every job to stop between steps (they checkpoint and go back to ``queued``);
+        returns at once. Called as soon as the server is told to shut down, so jobs
+        checkpoint while connections drain."""
         with self._lock:
             self._stopping = True
+            now = time.monotonic()
             for r in self._running.values():
                 r.stop.set()
-                r.stop_asked_at = time.monotonic()
+                r.stop_asked_at = r.stop_asked_at or now
         self._wake.set()
+
+    def stop(self) -> None:
+        """``begin_stop``, then wait for every job process (killed after STOP_GRACE_S)."""
+        self.begin_stop()
         if self._thread is not None:
             self._thread.join(timeout=STOP_GRACE_S + 5)
 
@@ -178,9 +199,8 @@ class ProcessRunner:
             return len(self._queue)
 
     def submit(self, job_id: str) -> None:
+        """Queue a stored job; the store already checked the queue's room (``max_queued``)."""
         with self._lock:
-            if len(self._queue) >= self.max_queued:
-                raise QueueFullError(f"{len(self._queue)} jobs are already waiting")
             self._queue.append(job_id)
         self._wake.set()
 
@@ -206,11 +226,17 @@ class ProcessRunner:
         while True:
             with self._lock:
                 if self._stopping and not self._running:
+                    self._retry_pending(force=True)
                     return
                 while (
                     not self._stopping and self._queue and len(self._running) < self.max_concurrent
                 ):
-                    self._launch(self._queue.popleft())
+                    job_id = self._queue.popleft()
+                    try:
+                        self._launch(job_id)
+                    except Exception as exc:  # the store or the OS refused: fail it, not us
+                        log.exception("could not start job %s", job_id)
+                        self._finish(job_id, "failed", error=_could_not("start the job", exc))
                 waitables: list[Any] = [r.conn for r in self._running.values()]
                 waitables += [r.process.sentinel for r in self._running.values()]
             if waitables:
@@ -223,9 +249,11 @@ class ProcessRunner:
                     try:
                         self._drain(r)
                         self._reap(job_id, r)
-                    except Exception as exc:  # e.g. the disk filled up: fail the job, not us
+                    except Exception as exc:  # a bug or the store: fail the job, not us
                         log.exception("supervising job %s failed", job_id)
-                        self._abandon(job_id, r, f"the server could not record the job ({exc})")
+                        self._abandon(job_id, r, _could_not("record the job", exc))
+                self._retry_pending()
+                self._purge_old_files()
 
     def _launch(self, job_id: str) -> None:
         job = self.store.get_job(job_id)
@@ -240,11 +268,12 @@ class ProcessRunner:
                 self._finish(job_id, "failed", error=f"model {job.init_from!r} no longer exists")
                 return
             init_path = str(self.store.model_path(model.id))
+        model_path = str(state.with_name("model.npz"))
         spec = JobSpec(
             job_id=job_id,
             corpus_path=str(corpus),
             state_path=str(state),
-            model_path=str(state.with_name("model.npz")),
+            model_path=model_path,
             hyperparameters=job.hyperparameters,
             seed=job.seed,
             init_model_path=init_path,
@@ -253,21 +282,20 @@ class ProcessRunner:
             checkpoint_every_s=self.checkpoint_every_s,
             extra={"name": job.name, "job_id": job_id},
         )
+        # Recorded first: a store that refuses leaves no process behind (the caller
+        # fails the job), and a process that cannot start is failed by the caller too.
+        started = job.started_at or time.time()
+        self.store.update_job(job_id, status="running", started_at=started, error=None)
         parent, child = self._ctx.Pipe(duplex=False)
         stop = self._ctx.Event()
         process = self._ctx.Process(
-            target=_job_main, args=(spec.to_dict(), child, stop), name=f"charnn-job-{job_id[:8]}"
+            target=job_process.main,
+            args=(spec.to_dict(), child, stop),
+            name=f"charnn-job-{job_id[:8]}",
         )
         process.start()
         child.close()
-        now = time.time()
-        job = (
-            self.store.update_job(
-                job_id, status="running", started_at=job.started_at or now, error=None
-            )
-            or job
-        )
-        self._running[job_id] = _Running(job, process, parent, stop)
+        self._running[job_id] = _Running(job, process, parent, stop, model_path)
         self._emit(job_id, {"type": "status", "status": "running"})
 
     def _drain(self, r: _Running) -> None:
@@ -283,12 +311,24 @@ class ProcessRunner:
     def _handle(self, r: _Running, m: dict[str, Any]) -> None:
         job_id, kind = r.job.id, m.get("type")
         if kind == "progress":
-            record_progress(self.store, job_id, m)
-            self._emit(job_id, m)
+            try:
+                recorded = record_progress(self.store, job_id, m)
+            except StoreError as e:  # e.g. the disk is full: the point is lost, not the job
+                log.warning("job %s: progress at step %s not recorded: %s", job_id, m["step"], e)
+                recorded = True
+            if recorded:
+                self._emit(job_id, m)
         elif kind == "succeeded":
-            model = store_model(self.store, r.job.name, job_id, m)
             r.finished = True
-            self._finish(job_id, "succeeded", model_id=model.id)
+            try:
+                model = store_model(self.store, r.job.name, job_id, m, self.limits)
+            except CheckpointError as e:
+                self._finish(job_id, "failed", error=f"the trained model is not valid: {e}")
+            except StoreError as e:  # "the model could not be stored: the disk is full"
+                self._finish(job_id, "failed", error=str(e))
+            else:
+                self._finish(job_id, "succeeded", model_id=model.id)
+            _unlink_quietly(r.model_path)  # a copy of what models/ now holds
         elif kind == "failed":
             r.finished = True
             self._finish(job_id, "failed", error=m.get("error"))
@@ -296,8 +336,12 @@ class ProcessRunner:
             r.finished = True
             if r.cancelled:
                 self._finish(job_id, "cancelled")
-            else:  # the server is stopping: resume on the next start
-                self.store.update_job(job_id, status="queued")
+            else:
+                # The server is stopping (resume at the next start), or the job process
+                # alone was told to stop (a signal): resume it now, next in line.
+                self._record(job_id, "queued", {})
+                if not self._stopping:
+                    self._queue.appendleft(job_id)
 
     def _reap(self, job_id: str, r: _Running) -> None:
         if r.process.is_alive():
@@ -309,6 +353,15 @@ class ProcessRunner:
         if not r.finished:
             if r.cancelled:
                 self._finish(job_id, "cancelled")
+            elif self._stopping and r.stop_asked_at is not None:
+                # Killed after the grace period while the server stops: it resumes from
+                # its last checkpoint at the next start, like after a crash.
+                self._record(job_id, "queued", {})
+            elif r.process.exitcode in (-signal.SIGINT, -signal.SIGTERM):
+                # Told to stop before its handlers were installed (the interpreter's
+                # first milliseconds): a request to stop, like later; resume it.
+                self._record(job_id, "queued", {})
+                self._queue.appendleft(job_id)
             else:
                 code = r.process.exitcode
                 self._finish(
@@ -324,14 +377,43 @@ class ProcessRunner:
         r.process.join()
         r.conn.close()
         self._running.pop(job_id, None)
-        try:
-            self._finish(job_id, "failed", error=error)
-        except Exception:
-            log.exception("could not mark job %s failed", job_id)
+        self._finish(job_id, "failed", error=error)
 
     def _finish(self, job_id: str, status: str, **fields: Any) -> None:
-        self.store.update_job(job_id, status=status, finished_at=time.time(), **fields)
-        self._emit(job_id, {"type": "status", "status": status, **fields})
+        self._record(job_id, status, {"finished_at": time.time(), **fields})
+
+    def _record(self, job_id: str, status: str, fields: dict[str, Any]) -> None:
+        """Write the job's new status, or keep it to retry: announced once written."""
+        try:
+            self.store.update_job(job_id, status=status, **fields)
+        except Exception as exc:
+            log.warning("job %s: could not record %s yet: %s", job_id, status, exc)
+            self._pending[job_id] = (status, fields)
+            return
+        self._pending.pop(job_id, None)
+        if status != "queued":
+            self._emit(job_id, {"type": "status", "status": status, **fields})
+
+    def _retry_pending(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not self._pending or (now < self._retry_at and not force):
+            return
+        self._retry_at = now + PENDING_RETRY_S
+        for job_id, (status, fields) in list(self._pending.items()):
+            self._record(job_id, status, fields)
+
+    def _purge_old_files(self) -> None:
+        now = time.monotonic()
+        if now < self._purge_at:
+            return
+        self._purge_at = now + PURGE_EVERY_S
+        try:
+            purged = self.store.purge_job_files(time.time() - self.retention_s)
+        except Exception:
+            log.warning("could not remove old job files", exc_info=True)
+            return
+        if purged:
+            log.info("removed the corpus and state of %d finished job(s)", len(purged))
 
     def _emit(self, job_id: str, message: dict[str, Any]) -> None:
         if self.on_event is not None:
@@ -339,3 +421,17 @@ class ProcessRunner:
                 self.on_event(job_id, message)
             except Exception:  # a subscriber's problem must not stop supervision
                 log.exception("event subscriber failed")
+
+
+def _could_not(doing: str, exc: BaseException) -> str:
+    """A job's failure reason in plain words: anyone may read it, so never a path."""
+    if isinstance(exc, StoreError):
+        return f"the server could not {doing}: {exc}"
+    return f"the server could not {doing}: {describe_os_error(exc)}"
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

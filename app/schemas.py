@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from model.train import TrainConfig
 
+from .text import Name
+
 _D = TrainConfig()
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -58,10 +60,27 @@ class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     corpus: str = Field(description="UTF-8 training text")
-    name: str | None = Field(None, max_length=200)
+    name: Name | None = None
     hyperparameters: Hyperparameters = Field(default_factory=lambda: Hyperparameters())
     seed: int = Field(0, ge=0, le=2**32 - 1)
     init_from: str | None = Field(None, max_length=200, description="model id or name")
+
+
+class HyperparametersOut(BaseModel):
+    """A job's hyperparameters as answered: no bounds (the request checked them, and a
+    server's ceilings may have changed since), so a stored job can always be shown."""
+
+    hidden_size: int = _D.hidden_size
+    seq_length: int = _D.seq_length
+    batch_size: int = _D.batch_size
+    learning_rate: float = _D.learning_rate
+    optimizer: str = _D.optimizer
+    grad_clip: float = _D.grad_clip
+    max_steps: int | None = _D.max_steps
+    time_limit_s: float | None = _D.time_limit_s
+    val_fraction: float = _D.val_fraction
+    eval_every: int = _D.eval_every
+    dtype: str = _D.dtype
 
 
 class JobConfig(BaseModel):
@@ -69,7 +88,7 @@ class JobConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    name: str | None = Field(None, max_length=200)
+    name: Name | None = None
     hyperparameters: Hyperparameters = Field(default_factory=lambda: Hyperparameters())
     seed: int = Field(0, ge=0, le=2**32 - 1)
     init_from: str | None = Field(None, max_length=200)
@@ -100,7 +119,7 @@ class JobOut(BaseModel):
     created_at: float
     started_at: float | None
     finished_at: float | None
-    hyperparameters: Hyperparameters
+    hyperparameters: HyperparametersOut
     seed: int
     init_from: str | None
     corpus: CorpusInfo

@@ -10,9 +10,13 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from .model_meta import ModelLimits
 
 _JOB_THREADS = 2
 
@@ -58,6 +62,40 @@ class Settings(BaseSettings):
         gt=0,
         allow_inf_nan=False,
         description="Ceiling for the time_limit_s hyperparameter, in seconds.",
+    )
+    max_vocab_size: int = Field(
+        default=10_000,
+        ge=2,
+        le=1_114_112,
+        description=(
+            "Most distinct characters a corpus (or an uploaded model) may have: the output "
+            "layer and its softmax grow with it."
+        ),
+    )
+    max_model_bytes: int = Field(
+        default=256 * 1024 * 1024,
+        ge=1024,
+        description=(
+            "Largest model weights in bytes (hidden size, vocabulary and dtype decide it), "
+            "for jobs and uploads alike."
+        ),
+    )
+    max_job_memory_bytes: int = Field(
+        default=4 * 1024**3,
+        ge=1024 * 1024,
+        description=(
+            "Largest estimated memory of one training job (weights, optimizer, activations, "
+            "evaluation, corpus); a job over it is refused when submitted."
+        ),
+    )
+    job_files_retention_s: float = Field(
+        default=7 * 86_400,
+        ge=0,
+        allow_inf_nan=False,
+        description=(
+            "Seconds a finished job's corpus and resume state are kept (the job's row, "
+            "metrics and model stay); 0 removes them as soon as the job ends."
+        ),
     )
     max_concurrent_jobs: int = Field(
         default_factory=_default_concurrent_jobs,
@@ -109,6 +147,38 @@ class Settings(BaseSettings):
         ge=1,
         le=256,
         description="BLAS threads for prediction requests in the API process.",
+    )
+
+    keep_alive_s: float = Field(
+        default=65.0,
+        gt=0,
+        le=3600,
+        allow_inf_nan=False,
+        description=(
+            "Seconds an idle kept-alive connection stays open; longer than common clients' "
+            "own (httpx 5 s, browsers 60 s or more) so the server never closes one as a "
+            "client reuses it."
+        ),
+    )
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        allow_inf_nan=False,
+        description=(
+            "Seconds a client may take to send a request's headers once it started "
+            "(slow-header clients are disconnected). `charnn serve` only."
+        ),
+    )
+    shutdown_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=600,
+        allow_inf_nan=False,
+        description=(
+            "On SIGTERM or SIGINT: seconds open requests get to finish before they are "
+            "cut (event streams end at once); running jobs then get up to 10 s to checkpoint."
+        ),
     )
 
     database_url: str | None = Field(
@@ -179,6 +249,13 @@ class Settings(BaseSettings):
         if self.dead_after_s <= self.heartbeat_s:
             raise ValueError("dead_after_s must be longer than heartbeat_s")
         return self
+
+    @property
+    def model_limits(self) -> ModelLimits:
+        """The ceilings every stored model meets, uploaded or trained."""
+        from .model_meta import ModelLimits  # numpy-heavy: only when a model is checked
+
+        return ModelLimits(self.max_hidden_size, self.max_vocab_size, self.max_model_bytes)
 
     @property
     def distributed(self) -> bool:

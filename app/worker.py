@@ -31,6 +31,8 @@ from model.errors import ModelError
 from model.params import flat_size
 from model.train import TrainConfig, Trainer
 
+from .faults import describe_os_error
+
 Send = Callable[[dict[str, Any]], None]
 
 
@@ -66,6 +68,17 @@ def run_job(spec: JobSpec, send: Send, should_stop: Callable[[], bool]) -> None:
         send({"type": "failed", "error": str(e)})
     except MemoryError:
         send({"type": "failed", "error": "out of memory; try a smaller hidden_size or batch_size"})
+    except (BrokenPipeError, EOFError):
+        raise  # the runner is gone: nobody to tell
+    except FileNotFoundError:
+        send({"type": "failed", "error": "the job's files are missing from the data directory"})
+    except OSError as e:  # e.g. the disk filled up while checkpointing: say so, without a path
+        send(
+            {
+                "type": "failed",
+                "error": f"{describe_os_error(e)}: the job's files could not be written",
+            }
+        )
 
 
 def _run(spec: JobSpec, send: Send, should_stop: Callable[[], bool]) -> None:

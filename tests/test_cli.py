@@ -140,6 +140,7 @@ def test_errors_are_one_line_and_exit_1(trained: Path, tmp_path: Path) -> None:
     assert usage.returncode == 2 and "usage:" in usage.stderr
 
 
+@pytest.mark.slow
 def test_remote_commands_against_charnn_serve(charnn_server: Served, tmp_path: Path) -> None:
     corpus = tmp_path / "abcd.txt"
     corpus.write_text(PERIODIC, encoding="utf-8")

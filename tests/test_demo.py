@@ -315,7 +315,7 @@ def test_train_from_pasted_text(server: Served, ui: Ui) -> None:
 
     chart = page.locator("#loss-chart")
     expect(chart).to_have_attribute("data-train-points", re.compile(r"^[1-9]\d*$"))
-    page.wait_for_function("document.querySelector('#train-progress').value > 0")
+    page.wait_for_function("() => document.querySelector('#train-progress').value > 0")
     ui.shot("training")
     status = page.locator("#train-status")
     expect(status).to_contain_text("succeeded", timeout=TRAIN_TIMEOUT)
@@ -465,7 +465,7 @@ def test_api_key(tmp_path: Path, ui: Ui) -> None:
         expect(error).to_be_hidden()
         cancel = page.locator("#train-cancel")
         expect(cancel).to_be_enabled()
-        page.wait_for_function("document.querySelector('#train-progress').value > 0")
+        page.wait_for_function("() => document.querySelector('#train-progress').value > 0")
         expect(page.locator("#loss-chart")).to_have_attribute(
             "data-train-points", re.compile(r"^[1-9]\d*$")
         )

@@ -29,7 +29,8 @@ import pytest
 from model.checkpoint import load_model, load_state
 from model.errors import ModelError
 
-from .app.conftest import CORPUS, LONG, QUICK, Server
+from .app.conftest import CORPUS, LONG, QUICK, Server, free_port
+from .conftest import CHARNN, charnn_serve
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFIXES = ("", "t", "the quick brown f", "lazy dog. the qu", "over the ")
@@ -349,7 +350,7 @@ def test_read_only_or_full_data_dir_is_not_ready_and_damages_nothing(
             big = {"corpus": CORPUS * 400, "hyperparameters": QUICK}
             refused = httpx.post(f"{server.url}/jobs", json=big, timeout=TIMEOUT)
             assert refused.status_code == 503, refused.text
-            assert "No space left on device" in refused.json()["error"]["message"]
+            assert "the disk is full" in refused.json()["error"]["message"]
             assert httpx.get(f"{server.url}/jobs").json()["total"] == 1  # nothing half-stored
         finally:
             filler.unlink()
@@ -537,3 +538,158 @@ def test_2000_predictions_at_concurrency_64_while_training_all_succeed(shared: S
     finally:
         httpx.post(f"{shared.url}/jobs/{training}/cancel")
         wait_job(shared.url, training, ("cancelled", "succeeded", "failed"))
+
+
+# ---------------------------------------------------------------------------- 8. disk faults
+
+
+def test_a_disk_that_fills_during_training_fails_the_job_in_plain_words(
+    start: Start, tmp_path: Path
+) -> None:
+    """The checkpoint write fails; the job ends ``failed`` saying the disk is full (once its
+    outcome can be written: at the latest when space is freed, with no restart), never
+    stays ``running``, and the next job trains."""
+    with tmpfs(tmp_path / "disk", "24m") as disk:
+        server = start(data_dir=disk)
+        job_id = submit(server.url, {**LONG, "hidden_size": 64})
+        state = disk / "jobs" / job_id / "state.npz"
+        wait_for(lambda: state.exists(), "a first checkpoint")
+        filler = fill(disk)
+        try:
+            wait_for(lambda: job_processes(server) == [], "the job process to end")
+            assert job(server.url, job_id)["status"] in ("running", "failed")
+        finally:
+            filler.unlink()
+        failed = wait_job(server.url, job_id, ("failed", "succeeded", "cancelled", "queued"))
+        assert failed["status"] == "failed", failed
+        assert failed["error"] == "the disk is full: the job's files could not be written"
+        assert str(disk) not in json.dumps(failed)
+        wait_for(lambda: httpx.get(f"{server.url}/readyz").status_code == 200, "ready again")
+        train_model(server.url, seed=2)
+        every_npz_loads(disk)
+
+
+def model_files(data: Path) -> list[str]:
+    return sorted(p.name for p in (data / "models").iterdir())
+
+
+def test_uploads_and_deletes_under_a_read_only_or_full_disk_are_503_and_half_nothing(
+    start: Start, tmp_path: Path
+) -> None:
+    with tmpfs(tmp_path / "disk", "16m") as disk:
+        server = start(data_dir=disk)
+        model = train_model(server.url)
+        answers = predictions(server.url, model)
+        npz = httpx.get(f"{server.url}/models/{model}/checkpoint").content
+        octet = {"content-type": "application/octet-stream"}
+        listed, files = httpx.get(f"{server.url}/models").json(), model_files(disk)
+
+        def unchanged() -> None:
+            assert httpx.get(f"{server.url}/models").json() == listed
+            assert model_files(disk) == files
+            assert predictions(server.url, model) == answers
+
+        with immutable(disk / "models"):  # only models/: the rest is writable
+            ready = httpx.get(f"{server.url}/readyz")
+            assert ready.status_code == 503, ready.text
+            r = httpx.post(f"{server.url}/models", content=npz, headers=octet)
+            assert r.status_code == 503, r.text
+            assert "not writable" in r.json()["error"]["message"]
+            r = httpx.delete(f"{server.url}/models/{model}")
+            assert r.status_code == 503, r.text
+            assert str(disk) not in r.text
+            unchanged()
+        filler = fill(disk)
+        try:
+            r = httpx.post(f"{server.url}/models", content=npz, headers=octet)
+            assert r.status_code == 503 and "the disk is full" in r.text, r.text
+            unchanged()
+            r = httpx.delete(f"{server.url}/models/{model}")  # whole, one way or the other
+            assert r.status_code in (204, 503), r.text
+            if r.status_code == 503:
+                unchanged()
+            else:
+                assert httpx.get(f"{server.url}/models/{model}").status_code == 404
+                assert model_files(disk) == []
+        finally:
+            filler.unlink()
+        if httpx.get(f"{server.url}/models/{model}").status_code == 200:
+            assert httpx.delete(f"{server.url}/models/{model}").status_code == 204
+        assert model_files(disk) == []
+        assert httpx.post(f"{server.url}/models", content=npz, headers=octet).status_code == 201
+
+
+# ---------------------------------------------------------------------------- 9. one owner
+
+
+def test_a_second_server_on_the_same_data_directory_refuses_to_start(
+    start: Start, tmp_path: Path
+) -> None:
+    first = start()
+    running = submit(first.url, LONG)
+    wait_for(lambda: job(first.url, running)["status"] == "running", "the job to run")
+    env = {**os.environ, "CHARNN_JOB_THREADS": "1"}
+    data = str(tmp_path / "data")
+    second = subprocess.run(
+        [str(CHARNN), "serve", "--port", str(free_port()), "--data-dir", data],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=env,
+        cwd=ROOT,
+    )
+    assert second.returncode == 1, second.stderr
+    line = second.stderr.strip().splitlines()[-1]
+    assert line == (
+        f"charnn: error: the data directory {data} is in use by another charnn server "
+        f"(pid {first.proc.pid}); stop it, or give this one its own --data-dir"
+    ), second.stderr
+    plain = subprocess.run(  # plain uvicorn: its start-up fails, it never serves
+        [sys.executable, "-m", "uvicorn", "app.main:app", "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env={**env, "CHARNN_DATA_DIR": data},
+        cwd=ROOT,
+    )
+    assert plain.returncode != 0 and "in use by another charnn server" in plain.stderr
+    assert job(first.url, running)["status"] == "running"
+    httpx.post(f"{first.url}/jobs/{running}/cancel")
+    assert wait_job(first.url, running, ("cancelled",))["status"] == "cancelled"
+
+
+# ---------------------------------------------------------------------------- 10. connections
+
+
+def test_slow_header_clients_are_disconnected_and_others_are_served(tmp_path: Path) -> None:
+    with charnn_serve(tmp_path, CHARNN_HEADER_TIMEOUT_S="1") as served:
+        slow = []
+        for i in range(50):
+            sock = socket.create_connection(("127.0.0.1", served.port), timeout=TIMEOUT)
+            if i % 2:
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")  # never ends
+            slow.append(sock)  # the others never send a byte
+        try:
+            assert httpx.get(f"{served.url}/healthz").status_code == 200
+            for sock in slow:
+                try:
+                    assert sock.recv(1024) == b""  # closed by the server
+                except ConnectionResetError:
+                    pass
+        finally:
+            for sock in slow:
+                sock.close()
+        assert httpx.get(f"{served.url}/healthz").status_code == 200
+
+
+def test_a_connection_idle_longer_than_clients_keep_theirs_is_still_open(tmp_path: Path) -> None:
+    """httpx keeps idle connections 5 s: the server keeps them longer (keep_alive_s), so a
+    client never sends on a connection the server is closing at that very moment."""
+    with charnn_serve(tmp_path) as served:
+        with socket.create_connection(("127.0.0.1", served.port), timeout=TIMEOUT) as sock:
+            request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+            sock.sendall(request)
+            assert read_response_head(sock).startswith("HTTP/1.1 200")
+            time.sleep(6)  # past httpx's (and uvicorn's default) 5 s
+            sock.sendall(request)
+            assert read_response_head(sock).startswith("HTTP/1.1 200")

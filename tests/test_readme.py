@@ -60,6 +60,9 @@ COVERED_ELSEWHERE = {
     "python3 -m venv .venv && . .venv/bin/activate": ".ci/run",
     "pip install -e '.[dev]' && python -m pytest": ".ci/run (tests/test_repo.py keeps them equal)",
     "docker build -t charnn .": ".ci/docker-check builds the same Dockerfile with buildah",
+    "charnn check charnn-data": "tests/test_check.py runs it on healthy and damaged directories",
+    "charnn check charnn-data --repair": "tests/test_check.py (database lost, damaged, rows "
+    "and files that disagree)",
     "export CHARNN_DATABASE_URL=postgresql://charnn:charnn@db-host:5432/charnn": (
         "tests/test_scale_out.py starts API replicas and workers with these settings "
         "(pointing at this machine's PostgreSQL and Redis)"
@@ -135,6 +138,7 @@ def test_readme_walkthrough_cli_and_remote_blocks_run(
     assert "entropy" in remote.stdout and "demo" in remote.stdout
 
 
+@pytest.mark.slow
 def test_readme_benchmark_commands_parse() -> None:
     """The benchmarks take minutes and torch: here each script must start and show its usage,
     and the bench extra must resolve (a dry run, nothing installed)."""

@@ -64,3 +64,15 @@ def test_readme_python_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
     assert (tmp_path / "shakespeare.npz").exists()
+
+
+def test_every_test_the_docs_name_exists() -> None:
+    """docs/reliability.md backs each promise with a test by name: the names must be real."""
+    defined = set()
+    for path in (ROOT / "tests").rglob("test_*.py"):
+        defined |= set(re.findall(r"^\s*(?:async )?def (test_\w+)", path.read_text(), re.M))
+    for doc in ("reliability.md", "architecture.md"):
+        text = (ROOT / "docs" / doc).read_text(encoding="utf-8")
+        named = {m[0] for m in re.findall(r"\b(test_\w+)(\.py)?", text) if not m[1]}
+        missing = sorted(named - defined)
+        assert missing == [], f"docs/{doc} names tests that do not exist: {missing}"

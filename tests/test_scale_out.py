@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -24,7 +26,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 import pytest
 
-from .conftest import CHARNN, Served, charnn_serve
+from .conftest import CHARNN, ROOT, Served, charnn_serve
 
 pytestmark = pytest.mark.slow
 
@@ -295,3 +297,168 @@ def test_a_model_deleted_on_one_replica_is_gone_on_the_other(cluster: Cluster) -
     assert httpx.delete(f"{cluster.a.url}/models/{model_id}").status_code == 204
     assert httpx.post(f"{cluster.b.url}/predict", json=body).status_code == 404
     assert httpx.get(f"{cluster.b.url}/models/{model_id}").status_code == 404
+
+
+# -- orphaned pool processes -------------------------------------------------------
+
+# A stand-in for a worker's main process that did not set PR_SET_PDEATHSIG (Celery's
+# prefork does, so its children usually die with it; this covers the ones that do
+# not): it forks one pool process, which runs the task body exactly as Celery's pool
+# process would, with the parent remembered as worker_process_init remembers it.
+_ORPHAN_HARNESS = """
+import logging, os, sys, time
+pid = os.fork()
+if pid:
+    print(pid, flush=True)
+    time.sleep(3600)  # the "main process", until the test kills it
+else:
+    logging.basicConfig(level=logging.INFO)
+    import app.tasks as tasks
+    tasks._pool_parent = os.getppid()
+    tasks.train(sys.argv[1])
+    os._exit(0)  # reached only if the job ended before its parent died
+"""
+
+
+def _exited(pid: int) -> bool:
+    """Gone, or a zombie nobody reaps (an orphan's new parent may not): psutil-free."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+    except OSError:  # no /proc: a zombie then still counts as alive
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+
+def _sql(cluster: Cluster, query: str, *params: Any) -> list[tuple[Any, ...]]:
+    import psycopg
+
+    with psycopg.connect(cluster.env["CHARNN_DATABASE_URL"], autocommit=True) as conn:
+        return conn.execute(query.encode(), params).fetchall()
+
+
+def _db_now(cluster: Cluster) -> float:
+    return float(_sql(cluster, "SELECT extract(epoch FROM clock_timestamp())::float8")[0][0])
+
+
+def _owner(cluster: Cluster, job_id: str) -> tuple[str | None, float | None]:
+    row = _sql(cluster, "SELECT worker, heartbeat_at FROM charnn_jobs WHERE id = %s", job_id)
+    return row[0][0], row[0][1]
+
+
+def _has_checkpoint(cluster: Cluster, job_id: str) -> bool:
+    rows = _sql(cluster, "SELECT state IS NOT NULL FROM charnn_jobs WHERE id = %s", job_id)
+    return bool(rows[0][0])
+
+
+def _models_of(cluster: Cluster, job_id: str) -> list[str]:
+    return [r[0] for r in _sql(cluster, "SELECT id FROM charnn_models WHERE job_id = %s", job_id)]
+
+
+def _assert_no_heartbeat_after(cluster: Cluster, job_id: str, worker: str, since: float) -> None:
+    """While ``worker`` still owns the job, its heartbeat is not newer than ``since`` (plus
+    the one UPDATE that may have been in flight), and does not move for a few beats."""
+    owner, beat = _owner(cluster, job_id)
+    if owner != worker:
+        return  # already re-claimed: the new owner beats now
+    assert beat is not None and beat <= since + 1.0, (beat, since)
+    deadline = time.monotonic() + 2.0  # four heartbeat intervals
+    while time.monotonic() < deadline:
+        owner, later = _owner(cluster, job_id)
+        if owner != worker:
+            return
+        assert later == beat, "the orphan is still heart-beating"
+        time.sleep(0.1)
+
+
+def _resumed_elsewhere(cluster: Cluster, job_id: str, worker: str) -> int:
+    """The step another worker of the cluster resumed the job from (> 0: its checkpoint)."""
+    claimed = re.compile(rf"job {job_id}: claimed by (\S+), resuming from step (\d+)")
+    found = [m for w in cluster.workers for m in claimed.finditer(w.text())]
+    assert found and all(m.group(1) != worker for m in found), [m.group(0) for m in found]
+    return int(found[-1].group(2))
+
+
+def test_killing_only_a_worker_s_main_process_leaves_no_orphan(cluster: Cluster) -> None:
+    hp = {**TINY, "max_steps": 30_000, "eval_every": 10_000}
+    job_id = submit(cluster.a.url, hp)
+    wait_for(lambda: job(cluster.a.url, job_id)["progress"]["step"] >= 200, 60, "training")
+    wait_for(lambda: _has_checkpoint(cluster, job_id), 30, "a checkpoint in the store")
+    claimed = re.compile(rf"job {job_id}: claimed by (\S+), starting")
+    owners = [(w, m) for w in cluster.workers if (m := claimed.search(w.text()))]
+    assert len(owners) == 1, [w.text()[-2000:] for w in cluster.workers]
+    owner, match = owners[0]
+    worker = match.group(1)
+    child = int(worker.split(":")[-2])  # host:pid:nonce of the pool process
+    assert child != owner.proc.pid
+
+    os.kill(owner.proc.pid, signal.SIGKILL)  # the main process only, not its group
+    owner.proc.wait(timeout=10)
+    killed_at = _db_now(cluster)
+    wait_for(lambda: _exited(child), 60, "the orphaned pool process to exit")
+    _assert_no_heartbeat_after(cluster, job_id, worker, killed_at)
+
+    wait_for(ended(cluster.b.url, job_id), 120, "the job to end")
+    done = job(cluster.b.url, job_id)
+    assert done["status"] == "succeeded", done
+    assert done["progress"]["step"] == 30_000
+    assert _resumed_elsewhere(cluster, job_id, worker) > 0
+    assert _models_of(cluster, job_id) == [done["model_id"]]  # exactly one model
+    cluster.start_worker()  # back to two for the tests that follow
+
+
+def test_an_orphaned_pool_process_stops_writing_and_exits(cluster: Cluster) -> None:
+    from app.store_pg import PostgresStore
+
+    with PostgresStore(cluster.env["CHARNN_DATABASE_URL"]) as store:
+        hp = {**TINY, "max_steps": 30_000, "eval_every": 10_000}
+        # Stored but not sent: only the harness's pool process runs it, until it is orphaned.
+        created = store.create_job("orphan", CORPUS, hp, 0, None, len(set(CORPUS)))
+    job_id = created.id
+    log = cluster.workdir / "orphan.log"
+    with log.open("wb") as err:
+        parent = subprocess.Popen(
+            [sys.executable, "-c", _ORPHAN_HARNESS, job_id],
+            cwd=ROOT,
+            env={**os.environ, **cluster.env},
+            stdout=subprocess.PIPE,
+            stderr=err,
+            start_new_session=True,  # its own group: the cleanup takes the pool process too
+        )
+
+    def cleanup() -> None:
+        try:
+            os.killpg(parent.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        parent.wait(timeout=10)
+        assert parent.stdout is not None
+        parent.stdout.close()
+
+    cluster.stack.callback(cleanup)
+    assert parent.stdout is not None
+    child = int(parent.stdout.readline())
+    wait_for(lambda: _has_checkpoint(cluster, job_id), 60, "a checkpoint from the pool process")
+    worker, _ = _owner(cluster, job_id)
+    assert worker is not None and worker.split(":")[-2] == str(child)
+
+    os.kill(parent.pid, signal.SIGKILL)  # the main process only: the pool process lives on
+    parent.wait(timeout=10)
+    killed_at = _db_now(cluster)
+    wait_for(lambda: _exited(child), 60, "the orphaned pool process to exit")
+    text = log.read_text(errors="replace")
+    assert "the worker's main process died" in text and "exiting" in text, text[-3000:]
+    _assert_no_heartbeat_after(cluster, job_id, worker, killed_at)
+
+    # A cluster worker's reaper re-queues it once the heartbeat is stale; it resumes there.
+    wait_for(ended(cluster.a.url, job_id), 120, "the job to end")
+    done = job(cluster.a.url, job_id)
+    assert done["status"] == "succeeded", done
+    assert done["progress"]["step"] == 30_000
+    assert _resumed_elsewhere(cluster, job_id, worker) > 0
+    assert _models_of(cluster, job_id) == [done["model_id"]]

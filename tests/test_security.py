@@ -37,6 +37,7 @@ TEXT = "the quick brown fox jumps over the lazy dog\n"
 MUTATING = {
     ("POST", "/jobs"),
     ("POST", "/jobs/{job_id}/cancel"),
+    ("DELETE", "/jobs/{job_id}"),
     ("POST", "/models"),
     ("DELETE", "/models/{model_id}"),
 }

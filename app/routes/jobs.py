@@ -13,27 +13,27 @@ from pydantic import ValidationError
 from starlette.datastructures import FormData, UploadFile
 
 from model.data import check_trainable, split_lengths
-from model.errors import UnknownCharactersError
+from model.errors import CheckpointError, UnknownCharactersError
+from model.memory import training_bytes
 from model.params import hidden_size_for
 from model.train import TrainConfig
 from model.vocab import Vocab
 
+from ..bodies import invalid_body, parse_json, schema_ref
 from ..deps import AppState, AuthDep, StateDep
 from ..errors import (
-    SURROGATE_MESSAGE,
     Conflict,
     Invalid,
     NotFound,
-    QueueFull,
     Unavailable,
     clear_message,
     documented,
 )
-from ..events import sse_event
-from ..runner import QueueFullError
+from ..events import CLOSING, sse_event
+from ..model_meta import check_limits
 from ..schemas import (
     CorpusInfo,
-    Hyperparameters,
+    HyperparametersOut,
     JobConfig,
     JobCreate,
     JobList,
@@ -44,22 +44,26 @@ from ..schemas import (
     MetricPointOut,
     MetricsOut,
 )
-from ..store import JobRecord
+from ..store import TERMINAL_STATUSES, JobActiveError, JobRecord, readable
+from ..text import text_problem
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
-TERMINAL = ("succeeded", "failed", "cancelled")
-RETRY_AFTER_S = "10"
+TERMINAL = TERMINAL_STATUSES
 _WHY = {
     400: "the body could not be parsed (broken multipart)",
     401: "API key missing or wrong",
     404: "no such job (POST /jobs: no init_from model by that id or name)",
-    409: "the job is already finished",
+    409: "the job is already finished (cancel), or not finished yet (delete)",
     413: "request body over max_body_bytes",
-    422: "invalid corpus, hyperparameters or request",
+    422: "invalid corpus, hyperparameters or request, or over this server's limits",
     429: "the job queue is full (see Retry-After)",
-    503: "the store is not writable",
+    503: "the store is not writable (disk full, read-only) or unreachable; nothing was stored",
 }
+_BODY_HINT = (
+    "POST /jobs takes a JSON object (application/json) or multipart/form-data "
+    "with a 'corpus' file and an optional 'config' JSON part"
+)
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -76,7 +80,7 @@ def job_out(job: JobRecord) -> JobOut:
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,
-        hyperparameters=Hyperparameters.model_validate(job.hyperparameters),
+        hyperparameters=HyperparametersOut.model_validate(job.hyperparameters),
         seed=job.seed,
         init_from=job.init_from,
         corpus=CorpusInfo(chars=job.corpus_chars, vocab_size=job.vocab_size),
@@ -94,34 +98,30 @@ def job_out(job: JobRecord) -> JobOut:
     )
 
 
+_UNREADABLE: set[str] = set()
+
+
+def jobs_out(jobs: list[JobRecord]) -> list[JobOut]:
+    """The jobs that can be shown; one that cannot (an old bug's row) is logged, skipped."""
+    return readable(jobs, job_out, "job", _UNREADABLE)
+
+
 def _get(state: AppState, job_id: str) -> JobRecord:
     job = state.store.get_job(job_id)
-    if job is None:
+    if job is None or not jobs_out([job]):
         raise NotFound(f"no job with id {job_id[:64]!r}")
     return job
 
 
 async def _read_body(request: Request) -> JobCreate:
-    """JSON, or multipart (see _read_form); validation problems become one 422."""
-    try:
-        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+    """JSON (whatever the content type), or multipart (see _read_form); one 422 per problem."""
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        try:
             async with request.form() as form:
                 return await _read_form(form)
-        return JobCreate.model_validate_json(await request.body())
-    except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "body"
-        details = [
-            {"loc": [str(p) for p in x["loc"]], "msg": clear_message(x["msg"], x["type"])}
-            for x in e.errors()
-        ]
-        message = f"{where}: {details[0]['msg']}"
-        if first["type"] == "json_invalid" and details[0]["msg"] != SURROGATE_MESSAGE:
-            message += (
-                "; POST /jobs takes a JSON object (application/json) or multipart/form-data "
-                "with a 'corpus' file and an optional 'config' JSON part"
-            )
-        raise Invalid(message, details) from None
+        except ValidationError as e:
+            raise invalid_body(e, _BODY_HINT) from None
+    return parse_json(JobCreate, await request.body(), _BODY_HINT)
 
 
 async def _read_form(form: FormData) -> JobCreate:
@@ -129,7 +129,7 @@ async def _read_form(form: FormData) -> JobCreate:
     part = form.get("corpus")
     if part is None:
         raise Invalid("multipart body needs a 'corpus' part (UTF-8 text)")
-    raw = await part.read() if isinstance(part, UploadFile) else part.encode()
+    raw = await part.read() if isinstance(part, UploadFile) else part.encode("utf-8", "replace")
     try:
         corpus = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -148,7 +148,7 @@ async def _read_form(form: FormData) -> JobCreate:
     return JobCreate(corpus=corpus, **config.model_dump(exclude_unset=True))
 
 
-def _check_limits(state: AppState, body: JobCreate) -> None:
+def _check_ceilings(state: AppState, body: JobCreate) -> None:
     s, hp = state.settings, body.hyperparameters
     problems = [
         f"{name} {value} is over this server's limit of {limit}"
@@ -159,7 +159,8 @@ def _check_limits(state: AppState, body: JobCreate) -> None:
             ("max_steps", hp.max_steps or 0, s.max_steps),
             ("time_limit_s", hp.time_limit_s or 0, s.max_time_limit_s),
         )
-        if value > limit
+        # with init_from the base model decides the hidden size (checked in _create)
+        if value > limit and not (name == "hidden_size" and body.init_from is not None)
     ]
     if len(body.corpus) > s.max_corpus_chars:
         problems.append(
@@ -170,17 +171,47 @@ def _check_limits(state: AppState, body: JobCreate) -> None:
         raise Invalid("; ".join(problems))
 
 
-def _create(state: AppState, body: JobCreate, response: Response) -> JobOut:
-    _check_limits(state, body)
-    corpus = body.corpus
+# The corpus in the job process: its text (up to 4 bytes a character) and about 25 bytes
+# a character while it is encoded (model/memory.py says what training_bytes leaves out).
+CORPUS_BYTES_PER_CHAR = 29
+
+
+def _check_size(
+    state: AppState, config: TrainConfig, n_x: int, corpus_chars: int, split: tuple[int, int]
+) -> None:
+    """The job's model and its training memory, bounded before anything is stored."""
+    s = state.settings
     try:
-        corpus.encode("utf-8")
-    except UnicodeEncodeError:
-        raise Invalid("corpus contains lone UTF-16 surrogates (e.g. \\ud800)") from None
-    if "\x00" in corpus:
-        raise Invalid("corpus contains NUL characters")
-    if body.name is not None and "\x00" in body.name:
-        raise Invalid("name must not contain NUL characters")
+        check_limits(config.hidden_size, n_x, config.dtype, s.model_limits, "this job's model")
+    except CheckpointError as e:
+        raise Invalid(str(e)) from None
+    need = (
+        training_bytes(
+            config.hidden_size,
+            n_x,
+            config.seq_length,
+            config.batch_size,
+            config.dtype,
+            config.optimizer,
+            train_chars=split[0],
+            val_chars=split[1],
+        )
+        + CORPUS_BYTES_PER_CHAR * corpus_chars
+    )
+    if need > s.max_job_memory_bytes:
+        raise Invalid(
+            f"this job would need about {need / 2**20:,.0f} MiB of memory (hidden_size "
+            f"{config.hidden_size}, {n_x} distinct characters, batch_size {config.batch_size}, "
+            f"seq_length {config.seq_length}); this server allows "
+            f"{s.max_job_memory_bytes / 2**20:,.0f} MiB (max_job_memory_bytes)"
+        )
+
+
+def _create(state: AppState, body: JobCreate, response: Response) -> JobOut:
+    _check_ceilings(state, body)
+    corpus = body.corpus
+    if problem := text_problem(corpus):
+        raise Invalid(f"corpus {problem}")
     if not corpus.strip():
         raise Invalid("the corpus is empty or only whitespace")
     hp = body.hyperparameters.model_dump()
@@ -191,38 +222,45 @@ def _create(state: AppState, body: JobCreate, response: Response) -> JobOut:
             raise NotFound(f"no model with id or name {body.init_from[:64]!r} to start from")
         vocab = Vocab(tuple(base.vocab))
         init_id, hp["hidden_size"] = base.id, hidden_size_for(base.param_count, len(vocab))
+        if hp["hidden_size"] > state.settings.max_hidden_size:
+            raise Invalid(
+                f"init_from model {base.id} has hidden size {hp['hidden_size']}, over this "
+                f"server's limit of {state.settings.max_hidden_size} (max_hidden_size)"
+            )
         unknown = vocab.unknown(corpus)
         if unknown:
             raise UnknownCharactersError(unknown)
+        n_distinct = len(Vocab.from_text(corpus))  # a fine-tuning vocabulary may hold more
     else:
         vocab = Vocab.from_text(corpus)
+        n_distinct = len(vocab)
+        if n_distinct > state.settings.max_vocab_size:
+            raise Invalid(
+                f"the corpus has {n_distinct} distinct characters; this server allows "
+                f"{state.settings.max_vocab_size} (max_vocab_size)"
+            )
     config = TrainConfig.from_dict({**hp, "seed": body.seed})  # ConfigError -> 422
     # Sized, not encoded: the job process encodes the corpus; a 10M-character request
-    # need not pay for it twice. A fine-tuning vocabulary may hold more than the corpus.
-    n_train, _ = split_lengths(len(corpus), config.val_fraction)
-    n_distinct = len(Vocab.from_text(corpus)) if init_id is not None else len(vocab)
-    check_trainable(n_train, n_distinct, config.seq_length)  # CorpusError -> 422
+    # need not pay for it twice.
+    split = split_lengths(len(corpus), config.val_fraction)
+    check_trainable(split[0], n_distinct, config.seq_length)  # CorpusError -> 422
+    _check_size(state, config, len(vocab), len(corpus), split)
 
-    if state.runner.queued() >= state.settings.max_queued_jobs:
-        raise QueueFull(
-            f"{state.settings.max_queued_jobs} jobs are already waiting; try again later",
-            headers={"Retry-After": RETRY_AFTER_S},
-        )
     if not state.store.writable():
         raise Unavailable("the data directory is not writable; no new jobs can be stored")
-    try:
-        job = state.store.create_job(
-            body.name or "untitled", corpus, hp, body.seed, init_id, len(vocab)
-        )
-    except OSError as e:  # e.g. the disk filled up since the check: nothing was stored
-        raise Unavailable(
-            f"the data directory is not writable ({e.strerror}); no new jobs can be stored"
-        ) from None
-    try:
-        state.runner.submit(job.id)
-    except QueueFullError as e:
-        state.store.update_job(job.id, status="failed", error="the job queue was full")
-        raise QueueFull(str(e), headers={"Retry-After": RETRY_AFTER_S}) from None
+    # The queue's room is checked in the store's insert transaction (QueueFullError -> 429,
+    # nothing stored), so racing submissions never overfill it; a write that fails is a
+    # 503 with nothing stored (StoreUnavailable).
+    job = state.store.create_job(
+        body.name or "untitled",
+        corpus,
+        hp,
+        body.seed,
+        init_id,
+        len(vocab),
+        max_queued=state.settings.max_queued_jobs,
+    )
+    state.runner.submit(job.id)
     response.headers["Location"] = f"/jobs/{job.id}"
     return job_out(job)
 
@@ -231,7 +269,7 @@ _JOB_BODY_DOC: dict[str, Any] = {
     "requestBody": {
         "required": True,
         "content": {
-            "application/json": {"schema": JobCreate.model_json_schema()},
+            "application/json": {"schema": schema_ref(JobCreate)},
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
@@ -260,7 +298,7 @@ async def create_job(request: Request, response: Response, state: StateDep) -> J
     return await run_in_threadpool(_create, state, body, response)
 
 
-@router.get("", responses=_errors())
+@router.get("", responses=_errors(503))
 def list_jobs(
     state: StateDep,
     status: JobStatus | None = None,
@@ -270,16 +308,33 @@ def list_jobs(
     """Jobs, newest first."""
     jobs = state.store.list_jobs(status, limit, offset)
     total = state.store.count_jobs(status)
-    return JobList(items=[job_out(j) for j in jobs], total=total, limit=limit, offset=offset)
+    return JobList(items=jobs_out(jobs), total=total, limit=limit, offset=offset)
 
 
-@router.get("/{job_id}", responses=_errors(404))
+@router.get("/{job_id}", responses=_errors(404, 503))
 def get_job(job_id: str, state: StateDep) -> JobOut:
     """One job: status, progress, latest losses, model id when done."""
     return job_out(_get(state, job_id))
 
 
-@router.get("/{job_id}/metrics", responses=_errors(404))
+@router.delete(
+    "/{job_id}", status_code=204, dependencies=[AuthDep], responses=_errors(401, 404, 409, 503)
+)
+def delete_job(job_id: str, state: StateDep) -> Response:
+    """Delete a finished job: its record, loss curve, corpus and state (its model stays)."""
+    try:
+        deleted = state.store.delete_job(job_id)
+    except JobActiveError as e:
+        raise Conflict(
+            f"job {job_id} is {e.status}; cancel it first (POST /jobs/{job_id}/cancel), "
+            "then delete it"
+        ) from None
+    if not deleted:
+        raise NotFound(f"no job with id {job_id[:64]!r}")
+    return Response(status_code=204)
+
+
+@router.get("/{job_id}/metrics", responses=_errors(404, 503))
 def get_metrics(
     job_id: str, state: StateDep, after_step: int = Query(-1, ge=-1, le=10**12)
 ) -> MetricsOut:
@@ -297,7 +352,7 @@ def get_metrics(
     )
 
 
-@router.post("/{job_id}/cancel", dependencies=[AuthDep], responses=_errors(401, 404, 409))
+@router.post("/{job_id}/cancel", dependencies=[AuthDep], responses=_errors(401, 404, 409, 503))
 async def cancel_job(job_id: str, state: StateDep) -> JobOut:
     """Stop a queued or running job; answers once it is cancelled (about a second)."""
     job = await run_in_threadpool(_get, state, job_id)
@@ -314,13 +369,22 @@ async def cancel_job(job_id: str, state: StateDep) -> JobOut:
     return job_out(job)
 
 
+KEEP_ALIVE_S = 15.0
+
+
 @router.get(
     "/{job_id}/events",
     response_class=StreamingResponse,  # no application/json in the schema: it never sends one
-    responses={**_errors(404), 200: {"content": {"text/event-stream": {}}, "description": "SSE"}},
+    responses={
+        **_errors(404, 503),
+        200: {"content": {"text/event-stream": {}}, "description": "SSE"},
+    },
 )
 async def job_events(job_id: str, state: StateDep) -> StreamingResponse:
-    """Server-Sent Events: `progress` while running, then one `status` with the final job."""
+    """Server-Sent Events: `progress` while running, then one `status` with the final job.
+
+    When the server shuts down, the stream ends at once (after a comment saying so):
+    clients reconnect, to this server once it is back or to another replica."""
     await run_in_threadpool(_get, state, job_id)  # 404 before the stream starts
 
     async def stream() -> AsyncIterator[str]:
@@ -336,7 +400,7 @@ async def job_events(job_id: str, state: StateDep) -> StreamingResponse:
             yield sse_event("progress", {"step": current.step, "job": snapshot}, current.step)
             while True:
                 try:
-                    m = await asyncio.wait_for(queue.get(), timeout=15)
+                    m = await asyncio.wait_for(queue.get(), timeout=KEEP_ALIVE_S)
                 except TimeoutError:
                     # An event missed (e.g. a scale-out replica's Redis subscription
                     # reconnecting) must not leave the stream open forever: ask the store.
@@ -346,6 +410,9 @@ async def job_events(job_id: str, state: StateDep) -> StreamingResponse:
                         return
                     yield ": keep-alive\n\n"
                     continue
+                if m is CLOSING:
+                    yield "retry: 2000\n: the server is shutting down; reconnect\n\n"
+                    return
                 if m.get("type") == "progress":
                     data = {k: v for k, v in m.items() if k != "type"}
                     yield sse_event("progress", data, int(m["step"]))

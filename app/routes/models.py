@@ -6,25 +6,29 @@ file access runs in the thread pool, so the loop is never blocked for long.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
+from pydantic import TypeAdapter, ValidationError
 from starlette.datastructures import UploadFile
 
-from model.checkpoint import model_from_bytes
+from model.errors import CheckpointError
 from model.inference import entropy_bits, iter_sample, next_distribution, score_summary
-from model.params import flat_size, hidden_size_for
+from model.params import hidden_size_for
 from model.vocab import Vocab
 
 from .. import serving
+from ..bodies import json_body, json_body_doc
 from ..deps import AppState, AuthDep, StateDep
-from ..errors import Invalid, NotFound, documented
+from ..errors import Invalid, NotFound, Unavailable, documented
 from ..events import sse_event
 from ..model_cache import LoadedModel
+from ..model_meta import validate_model_bytes
 from ..model_schemas import (
     GenerateIn,
     GenerateOut,
@@ -36,8 +40,12 @@ from ..model_schemas import (
     ScoreIn,
     ScoreOut,
 )
-from ..store import ModelRecord
+from ..store import ModelRecord, readable
+from ..text import MAX_NAME_CHARS, Name
 
+_NAME: TypeAdapter[str] = TypeAdapter(Name)
+
+log = logging.getLogger("charnn.models")
 router = APIRouter(tags=["models"])
 
 # Float weights barely compress (~10 %), so a genuine compressed .npz never expands 4x.
@@ -49,6 +57,7 @@ _WHY = {
     404: "no such model (or no model at all yet)",
     413: "request body over max_body_bytes",
     422: "invalid request, characters outside the vocabulary, or a malformed checkpoint",
+    503: "the store cannot be read or written (disk full, read-only, unreachable)",
 }
 
 
@@ -89,14 +98,21 @@ async def _loaded(state: AppState, ref: str | None) -> LoadedModel:
         raise NotFound(f"no model with id or name {ref[:64]!r}")
     loaded = state.models.cached(record.id)
     if loaded is None:
-        loaded = await run_in_threadpool(state.models.get, record.id)
+        try:
+            loaded = await run_in_threadpool(state.models.get, record.id)
+        except CheckpointError:  # it was valid when stored: the file was damaged since
+            log.error("model %s: its stored checkpoint no longer loads", record.id, exc_info=True)
+            raise Unavailable(
+                f"model {record.id}'s stored checkpoint is damaged; the operator can find "
+                "out more with `charnn check`"
+            ) from None
     if loaded is None:
         raise NotFound(f"model {record.id} has no checkpoint")
     return loaded
 
 
-@router.post("/predict", responses=_errors(400, 404))
-async def predict(body: PredictIn, state: StateDep) -> PredictOut:
+@router.post("/predict", responses=_errors(400, 404, 503), openapi_extra=json_body_doc(PredictIn))
+async def predict(state: StateDep, body: Annotated[PredictIn, json_body(PredictIn)]) -> PredictOut:
     """The probability of every next character after a prefix."""
     loaded = await _loaded(state, body.model)
     vocab: Vocab = loaded.ckpt.vocab
@@ -117,10 +133,11 @@ async def predict(body: PredictIn, state: StateDep) -> PredictOut:
 
 @router.post(
     "/generate",
-    responses={**_errors(400, 404), 200: {"content": {"text/event-stream": {}}}},
+    responses={**_errors(400, 404, 503), 200: {"content": {"text/event-stream": {}}}},
     response_model=GenerateOut,
+    openapi_extra=json_body_doc(GenerateIn),
 )
-async def generate(body: GenerateIn, state: StateDep) -> Any:
+async def generate(state: StateDep, body: Annotated[GenerateIn, json_body(GenerateIn)]) -> Any:
     """Sample text after a prompt; ``stream: true`` sends it as Server-Sent Events."""
     loaded = await _loaded(state, body.model)
     if any(not s for s in body.stop):
@@ -155,8 +172,8 @@ async def generate(body: GenerateIn, state: StateDep) -> Any:
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
-@router.post("/score", responses=_errors(400, 404))
-async def score_text(body: ScoreIn, state: StateDep) -> ScoreOut:
+@router.post("/score", responses=_errors(400, 404, 503), openapi_extra=json_body_doc(ScoreIn))
+async def score_text(state: StateDep, body: Annotated[ScoreIn, json_body(ScoreIn)]) -> ScoreOut:
     """One natural-log probability per character, the first given the empty prefix."""
     loaded = await _loaded(state, body.model)
     logprobs = await serving.score_text(loaded, body.text)
@@ -171,28 +188,40 @@ async def score_text(body: ScoreIn, state: StateDep) -> ScoreOut:
     )
 
 
-@router.get("/models", responses=_errors())
+_UNREADABLE: set[str] = set()
+
+
+def models_out(records: list[ModelRecord]) -> list[ModelOut]:
+    """The models that can be shown; one that cannot (an old bug's row) is logged, skipped."""
+    return readable(records, model_out, "model", _UNREADABLE)
+
+
+@router.get("/models", responses=_errors(503))
 def list_models(
     state: StateDep,
     limit: int = Query(50, ge=1, le=500),
     offset: int = Query(0, ge=0, le=10**9),
 ) -> ModelList:
     """Models, newest first."""
-    items = [model_out(m) for m in state.store.list_models(limit, offset)]
+    items = models_out(state.store.list_models(limit, offset))
     return ModelList(items=items, total=state.store.count_models(), limit=limit, offset=offset)
 
 
-@router.get("/models/{model_id}", responses=_errors(404))
+@router.get("/models/{model_id}", responses=_errors(404, 503))
 def get_model(model_id: str, state: StateDep) -> ModelOut:
     """One model: name, vocabulary in index order, hyperparameters, losses, size."""
     record = state.store.get_model(model_id)
-    if record is None:
+    shown = models_out([record]) if record is not None else []
+    if not shown:
         raise NotFound(f"no model with id {model_id[:64]!r}")
-    return model_out(record)
+    return shown[0]
 
 
 @router.delete(
-    "/models/{model_id}", status_code=204, dependencies=[AuthDep], responses=_errors(401, 404)
+    "/models/{model_id}",
+    status_code=204,
+    dependencies=[AuthDep],
+    responses=_errors(401, 404, 503),
 )
 def delete_model(model_id: str, state: StateDep) -> Response:
     """Delete a model and its checkpoint."""
@@ -206,7 +235,7 @@ def delete_model(model_id: str, state: StateDep) -> Response:
     "/models/{model_id}/checkpoint",
     response_class=Response,  # no application/json in the schema: it never sends one
     responses={
-        **_errors(404),
+        **_errors(404, 503),
         200: {"content": {"application/octet-stream": {"schema": {"type": "string"}}}},
     },
 )
@@ -223,7 +252,7 @@ def download_checkpoint(model_id: str, state: StateDep) -> Response:
     "/models",
     status_code=201,
     dependencies=[AuthDep],
-    responses=_errors(400, 401),
+    responses=_errors(400, 401, 503),
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -234,7 +263,7 @@ def download_checkpoint(model_id: str, state: StateDep) -> Response:
                         "required": ["file"],
                         "properties": {
                             "file": {"type": "string", "format": "binary"},
-                            "name": {"type": "string", "maxLength": 200},
+                            "name": {"type": "string", "minLength": 1, "maxLength": MAX_NAME_CHARS},
                         },
                     }
                 },
@@ -244,7 +273,7 @@ def download_checkpoint(model_id: str, state: StateDep) -> Response:
     },
 )
 async def upload_model(request: Request, response: Response, state: StateDep) -> ModelOut:
-    """Upload a .npz checkpoint; validated strictly and never unpickled."""
+    """Upload a .npz checkpoint; validated strictly (as a trained one) and never unpickled."""
     name = request.query_params.get("name")
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         async with request.form() as form:
@@ -257,26 +286,27 @@ async def upload_model(request: Request, response: Response, state: StateDep) ->
                 name = form_name
     else:
         data = await request.body()
-    if name is not None and len(name) > 200:
-        raise Invalid("name must be at most 200 characters")
-    if name is not None and "\x00" in name:
-        raise Invalid("name must not contain NUL characters")
+    if name is not None:
+        try:
+            name = _NAME.validate_python(name)
+        except ValidationError as e:
+            raise Invalid(f"name: {e.errors()[0]['msg']}") from None
     # Uncompressed, an upload may be at most UPLOAD_EXPANSION times the body limit: a
     # small zip bomb must not make the server allocate the loader's 512 MB default.
     limit = UPLOAD_EXPANSION * state.settings.max_body_bytes
 
     def store_it() -> ModelRecord:
-        ckpt = model_from_bytes(data, max_bytes=limit)  # CheckpointError -> 422 saying why
-        p = ckpt.params
+        # CheckpointError -> 422 saying which field or ceiling; StoreError -> 503.
+        valid = validate_model_bytes(data, state.settings.model_limits, max_bytes=limit)
         return state.store.add_model(
-            name or str(ckpt.extra.get("name") or "uploaded"),
+            name or valid.name or "uploaded",
             None,
             data,
-            ckpt.hyperparameters,
-            ckpt.metrics,
-            list(ckpt.vocab.chars),
-            flat_size(p.n_a, p.n_x),
-            str(p.dtype),
+            valid.hyperparameters,
+            valid.metrics,
+            valid.vocab,
+            valid.param_count,
+            valid.dtype,
         )
 
     record = await run_in_threadpool(store_it)

@@ -13,7 +13,14 @@ import httpx
 import pytest
 
 from app.client import ApiError, AsyncClient, Client, JobEvent, JobFailed
-from app.schemas import CorpusInfo, Hyperparameters, JobMetrics, JobOut, JobProgress, JobStatus
+from app.schemas import (
+    CorpusInfo,
+    HyperparametersOut,
+    JobMetrics,
+    JobOut,
+    JobProgress,
+    JobStatus,
+)
 
 from .conftest import Server, free_port
 
@@ -270,7 +277,7 @@ def job_record(status: JobStatus, error: str | None = None) -> dict[str, Any]:
         created_at=0.0,
         started_at=None,
         finished_at=None,
-        hyperparameters=Hyperparameters(),
+        hyperparameters=HyperparametersOut(),
         seed=0,
         init_from=None,
         corpus=CorpusInfo(chars=1200, vocab_size=4),

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+import pytest
 
 from .conftest import CORPUS, QUICK, Server
 
@@ -42,6 +43,7 @@ def test_submit_follow_events_and_read_the_curve(serve: Callable[..., Server]) -
     assert ckpt.status_code == 200 and ckpt.content[:2] == b"PK"  # a zip: the .npz
 
 
+@pytest.mark.slow
 def test_kill_9_then_restart_resumes_from_the_checkpoint(serve: Callable[..., Server]) -> None:
     server = serve()
     hp = {**QUICK, "max_steps": 15000, "eval_every": 5000}  # far from done when killed

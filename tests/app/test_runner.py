@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import time
@@ -11,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from app.runner import ProcessRunner, QueueFullError
+from app.runner import ProcessRunner
+from app.settings import Settings
 from app.store import JobRecord, SqliteStore
 
 from .conftest import CORPUS, LONG, QUICK
@@ -29,7 +31,7 @@ def make_runner(
 ) -> ProcessRunner:
     options: dict[str, Any] = {
         "max_concurrent_jobs": 1,
-        "max_queued_jobs": 4,
+        "limits": Settings().model_limits,
         "job_threads": 1,
         "checkpoint_every_s": 0.2,
         **kw,
@@ -123,13 +125,6 @@ def test_a_killed_worker_fails_the_job_and_the_runner_goes_on(store: SqliteStore
         runner.stop()
 
 
-def test_queue_is_bounded(store: SqliteStore) -> None:
-    runner = make_runner(store, max_queued_jobs=1)  # not started: nothing leaves the queue
-    runner.submit(new_job(store, QUICK).id)
-    with pytest.raises(QueueFullError):
-        runner.submit(new_job(store, QUICK).id)
-
-
 def test_stopping_requeues_and_the_next_runner_resumes_from_the_checkpoint(
     store: SqliteStore,
 ) -> None:
@@ -158,20 +153,23 @@ def test_stopping_requeues_and_the_next_runner_resumes_from_the_checkpoint(
 def test_a_store_failure_fails_the_job_not_the_runner(
     store: SqliteStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def disk_full(*args: Any, **kwargs: Any) -> None:
-        raise OSError("No space left on device")
+    import app.store
+
+    def disk_full(path: Any, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     runner = make_runner(store)
     runner.start()
     try:
+        job = new_job(store, QUICK)
         with monkeypatch.context() as m:
-            m.setattr(store, "add_model", disk_full)
-            job = new_job(store, QUICK)
+            m.setattr(app.store, "atomic_write_bytes", disk_full)  # the model's file
             runner.submit(job.id)
             wait_for(lambda: status(store, job.id) in ("succeeded", "failed"))
         failed = store.get_job(job.id)
         assert failed is not None and failed.status == "failed"
-        assert "could not record the job" in (failed.error or "")
+        assert failed.error == "the model could not be stored: the disk is full"
+        assert str(store.data_dir) not in failed.error
         assert runner.alive()
         quick = new_job(store, QUICK)
         runner.submit(quick.id)
