@@ -20,32 +20,14 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import fields
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from model.train import TrainConfig
+from model.config import SERVED, TrainConfig
 
-DEFAULT_URL = "http://127.0.0.1:8000"
-
-# The hyperparameter flags, shared by `train` and `remote train`: (field, type, help).
-# They are the ones the HTTP API accepts (app/schemas.py: Hyperparameters).
-HYPERPARAMETERS: list[tuple[str, Callable[[str], Any], str]] = [
-    ("hidden_size", int, "hidden units n_a"),
-    ("seq_length", int, "characters per truncated-BPTT chunk (T)"),
-    ("batch_size", int, "parallel streams (B)"),
-    ("learning_rate", float, "peak step size (cosine decay to 1%%)"),
-    ("optimizer", str, "sgd, adagrad or adam"),
-    ("grad_clip", float, "max global gradient norm; 0 = no clipping"),
-    ("max_steps", int, "stop after this many steps"),
-    ("time_limit_s", float, "stop after this many seconds of training"),
-    ("val_fraction", float, "tail of the corpus held out for validation"),
-    ("eval_every", int, "steps between validation losses"),
-    ("dtype", str, "float32 or float64"),
-]
-_DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
+from .domain import DEFAULT_URL
 
 
 class CliError(Exception):
@@ -60,25 +42,22 @@ def _flag(name: str) -> str:
 
 
 def _add_hyperparameters(p: argparse.ArgumentParser) -> None:
+    """The flags of the hyperparameters the HTTP API takes (model/config.py: SERVED)."""
     g = p.add_argument_group("hyperparameters (omitted: the measured defaults)")
-    for name, kind, text in HYPERPARAMETERS:
+    for h in SERVED:
         g.add_argument(
-            _flag(name),
-            dest=name,
-            type=kind,
+            _flag(h.name),
+            dest=h.name,
+            type=h.kind,
             default=None,
-            metavar=name.split("_")[0].upper() if kind is not str else None,
-            help=f"{text} (default {_DEFAULTS[name]})",
+            metavar=h.name.split("_")[0].upper() if h.kind is not str else None,
+            help=f"{h.help.replace('%', '%%')} (default {h.default})",
         )
     g.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
 
 
 def _hyperparameters(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        name: getattr(args, name)
-        for name, _, _ in HYPERPARAMETERS
-        if getattr(args, name) is not None
-    }
+    return {h.name: getattr(args, h.name) for h in SERVED if getattr(args, h.name) is not None}
 
 
 def _read_text(path: str) -> str:
@@ -156,7 +135,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=args.port,
         reload=args.reload,
         log_level=args.log_level,
-        http="app.http_protocol:HeaderTimeoutProtocol",
+        http="app.api.http_protocol:HeaderTimeoutProtocol",
         timeout_keep_alive=settings.keep_alive_s,
         timeout_graceful_shutdown=settings.shutdown_timeout_s,
     )
@@ -168,7 +147,8 @@ def _preflight(settings: Any) -> None:
     server, damaged, not writable) instead of a failed start-up's traceback."""
     if settings.distributed:
         return
-    from .store import SqliteStore, StoreError
+    from .store.base import StoreError
+    from .store.sqlite import SqliteStore
 
     try:
         SqliteStore(settings.data_dir).close()
@@ -208,7 +188,7 @@ def _where(settings: Any) -> str:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    """A Celery worker for app.tasks: trains the jobs that API replicas queue."""
+    """A Celery worker (app/jobs/tasks.py): trains the jobs that API replicas queue."""
     import socket
 
     if args.concurrency is not None:
@@ -219,10 +199,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
             "a worker needs CHARNN_BROKER_URL (Redis) and CHARNN_DATABASE_URL (PostgreSQL); "
             "without them `charnn serve` runs jobs itself"
         )
-    from .settings import get_settings
+    from .jobs.tasks import worker_app
 
-    get_settings.cache_clear()  # app.tasks reads the environment as changed above
-    from .tasks import celery_app
+    celery_app = worker_app(settings)
 
     # A distinct node name per process: two workers on one host must not collide.
     name = args.name or f"charnn-{os.getpid()}@{socket.gethostname()}"
@@ -240,7 +219,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Check a data directory (and with --repair mend it); exit 1 if problems remain."""
-    from .check import check_data_dir
+    from .store.check import check_data_dir
 
     report = check_data_dir(Path(args.data_dir), repair=args.repair)
     for line in report.lines:
@@ -389,7 +368,7 @@ def cmd_remote_train(args: argparse.Namespace) -> int:
         if not args.wait:
             print(job.id)
             return 0
-        total = _hyperparameters(args).get("max_steps", _DEFAULTS["max_steps"])
+        total = _hyperparameters(args).get("max_steps", TrainConfig().max_steps)
         bar = _progress_bar(total, "training") if not args.quiet else None
         val: float | None = None
 

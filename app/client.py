@@ -1,8 +1,8 @@
 """A typed client for the charnn HTTP API: :class:`Client` (blocking) and :class:`AsyncClient`.
 
 It imports httpx, httpx-sse, pydantic and the schema modules only (never the app, its
-routes or the store), so a command-line tool starts without building a server.
-(``app.schemas`` does still import numpy, for model/'s hyperparameter defaults.)
+routes, the store or numpy: ``tests/test_repo.py`` checks), so a command-line tool
+starts without building a server.
 Answers are the service's own response models, validated on arrival.
 
 Every failure is one exception, :class:`ApiError`, whose ``str()`` is one line:
@@ -57,8 +57,9 @@ import httpx
 from httpx_sse import EventSource, ServerSentEvent, SSEError
 from pydantic import BaseModel
 
-from .model_schemas import GenerateOut, ModelList, ModelOut, PredictOut, ScoreOut
-from .schemas import JobList, JobOut, JobStatus, MetricsOut
+from .domain import DEFAULT_URL, TERMINAL_STATUSES, JobStatus
+from .jobs.schemas import JobList, JobOut, MetricsOut
+from .serving.schemas import GenerateOut, ModelList, ModelOut, PredictOut, ScoreOut
 
 __all__ = [
     "DEFAULT_URL",
@@ -72,8 +73,7 @@ __all__ = [
     "JobFailed",
 ]
 
-DEFAULT_URL = "http://127.0.0.1:8000"
-TERMINAL: tuple[JobStatus, ...] = ("succeeded", "failed", "cancelled")
+TERMINAL = TERMINAL_STATUSES
 # The job event stream sends a keep-alive every 15 s, so a longer silence means trouble.
 _EVENTS_READ_TIMEOUT = 60.0
 _RECONNECT_DELAY_S = 0.5

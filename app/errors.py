@@ -1,9 +1,12 @@
 """One error shape for every failure: ``{"error": {"code", "message", "details"}}``.
 
-Routes raise :class:`ApiError` subclasses; ``model/`` raises its own plain
-exceptions (unknown characters, bad corpus, bad checkpoint), which are mapped
-here to a status in one place. Nothing a client sends may produce a 500, and
-no message carries a path or a stack trace.
+Services raise :class:`ServiceError` subclasses (each a status and a code);
+``model/`` and the store raise their own plain exceptions (unknown characters,
+bad corpus, bad checkpoint, a full queue, a store that cannot write), which are
+mapped here to a status in one place. (The client's ``app.client.ApiError`` is
+what a caller of the API catches: a different thing, on the other side.)
+Nothing a client sends may produce a 500, and no message carries a path or a
+stack trace.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model.errors import CheckpointError, ConfigError, CorpusError, UnknownCharactersError
 
-from .store import QueueFullError, StoreError, StoreUnavailable
+from .store.base import QueueFullError, StoreError, StoreUnavailable
 
 log = logging.getLogger("charnn.errors")
 
@@ -36,12 +39,9 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
-def documented(statuses: dict[int, str]) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses=`` entries for error statuses, each with the ErrorBody schema."""
-    return {code: {"model": ErrorBody, "description": text} for code, text in statuses.items()}
+class ServiceError(Exception):
+    """A refusal the service answers with ``status``, ``code`` and a message."""
 
-
-class ApiError(Exception):
     status = 400
     code = "bad_request"
 
@@ -52,31 +52,31 @@ class ApiError(Exception):
         self.headers = headers
 
 
-class Unauthorized(ApiError):
+class Unauthorized(ServiceError):
     status, code = 401, "unauthorized"
 
 
-class NotFound(ApiError):
+class NotFound(ServiceError):
     status, code = 404, "not_found"
 
 
-class Conflict(ApiError):
+class Conflict(ServiceError):
     status, code = 409, "conflict"
 
 
-class PayloadTooLarge(ApiError):
+class PayloadTooLarge(ServiceError):
     status, code = 413, "payload_too_large"
 
 
-class Invalid(ApiError):
+class Invalid(ServiceError):
     status, code = 422, "invalid"
 
 
-class QueueFull(ApiError):
+class QueueFull(ServiceError):
     status, code = 429, "queue_full"
 
 
-class Unavailable(ApiError):
+class Unavailable(ServiceError):
     status, code = 503, "unavailable"
 
 
@@ -126,8 +126,8 @@ def _validation_details(exc: RequestValidationError) -> list[dict[str, Any]]:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+    @app.exception_handler(ServiceError)
+    async def service_error(_: Request, exc: ServiceError) -> JSONResponse:
         return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
 
     @app.exception_handler(RequestValidationError)

@@ -1,12 +1,16 @@
-"""The ASGI application: ``app.main:app``, built by ``create_app(settings)``.
+"""The ASGI application: ``app.main:app``, built by ``create_app(settings)``. Wiring only.
 
     uvicorn app.main:app          # settings from CHARNN_* environment variables
 
-The factory does no I/O; the lifespan opens the store, starts the job runner
-(which resumes jobs interrupted by a crash) and stops both on shutdown. With
-``CHARNN_DATABASE_URL`` and ``CHARNN_BROKER_URL`` set, the store is PostgreSQL
-and jobs run on Celery workers (app/distributed.py); otherwise SQLite and
-processes of this server.
+The factory does no I/O; the lifespan builds one of two pairs and the services
+on top of them, and stops them on shutdown:
+
+- embedded (the default): ``SqliteStore`` in the data directory and
+  ``LocalRunner``, processes of this server (which resumes jobs a crash
+  interrupted);
+- scale-out (``CHARNN_DATABASE_URL`` and ``CHARNN_BROKER_URL`` set):
+  ``PostgresStore`` and ``CeleryRunner``, jobs on ``charnn worker`` processes,
+  events over Redis.
 """
 
 from __future__ import annotations
@@ -18,20 +22,50 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from threadpoolctl import threadpool_limits
 
-from .deps import AppState
+from .api import demo, health, jobs, models
+from .api.deps import AppState
+from .api.limits import BodyLimitMiddleware
+from .api.openapi import install_openapi
+from .api.security import JsonCORSMiddleware, SecurityHeadersMiddleware
+from .api.shutdown import ShutdownWatch
 from .errors import install_error_handlers
-from .events import EventHub
-from .limits import BodyLimitMiddleware
-from .model_cache import ModelCache
-from .model_schemas import GenerateIn, PredictIn, ScoreIn
-from .openapi import install_openapi
-from .routes import demo, health, jobs, models
-from .runner import ProcessRunner, Runner
-from .schemas import JobCreate
-from .security import JsonCORSMiddleware, SecurityHeadersMiddleware
+from .jobs.events import EventHub
+from .jobs.runner import Runner
+from .jobs.schemas import JobCreate
+from .jobs.service import JobService
+from .serving.cache import ModelCache
+from .serving.schemas import GenerateIn, PredictIn, ScoreIn
+from .serving.service import ModelService
 from .settings import Settings, get_settings
-from .shutdown import ShutdownWatch
-from .store import SqliteStore, Store
+from .store.base import Store
+
+
+async def _store_and_runner(settings: Settings, events: EventHub) -> tuple[Store, Runner]:
+    if settings.distributed:
+        from .jobs.celery_runner import CeleryRunner
+        from .store.postgres import PostgresStore
+
+        assert settings.database_url is not None
+        shared = await asyncio.to_thread(PostgresStore, settings.database_url)
+        runner = CeleryRunner(shared, settings, on_event=events.publish)
+        await asyncio.to_thread(runner.start)
+        return shared, runner
+    from .jobs.local import LocalRunner
+    from .store.sqlite import SqliteStore
+
+    local = SqliteStore(settings.data_dir)  # StoreError (in use, damaged): no start
+    embedded = LocalRunner(
+        local,
+        max_concurrent_jobs=settings.max_concurrent_jobs,
+        job_threads=settings.job_threads,
+        job_nice=settings.job_nice,
+        checkpoint_every_s=settings.checkpoint_every_s,
+        limits=settings.model_limits,
+        job_files_retention_s=settings.job_files_retention_s,
+        on_event=events.publish,
+    )
+    embedded.start()
+    return local, embedded
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -42,31 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # numpy in the API process: one BLAS thread, the cores are for training jobs.
         blas = threadpool_limits(settings.api_blas_threads)
         events = EventHub(asyncio.get_running_loop())
-        store: Store
-        runner: Runner
-        if settings.distributed:
-            # Scale-out: shared PostgreSQL store, jobs on Celery workers, events over Redis.
-            from .distributed import CeleryRunner
-            from .store_pg import PostgresStore
-
-            assert settings.database_url is not None
-            shared = await asyncio.to_thread(PostgresStore, settings.database_url)
-            store = shared
-            runner = CeleryRunner(shared, settings, on_event=events.publish)
-            await asyncio.to_thread(runner.start)
-        else:
-            store = SqliteStore(settings.data_dir)  # StoreError: in use, damaged -> no start
-            runner = ProcessRunner(
-                store,
-                max_concurrent_jobs=settings.max_concurrent_jobs,
-                job_threads=settings.job_threads,
-                job_nice=settings.job_nice,
-                checkpoint_every_s=settings.checkpoint_every_s,
-                limits=settings.model_limits,
-                job_files_retention_s=settings.job_files_retention_s,
-                on_event=events.publish,
-            )
-            runner.start()
+        store, runner = await _store_and_runner(settings, events)
 
         def shutting_down() -> None:
             events.close()  # every event stream ends now: nothing holds the shutdown up
@@ -75,7 +85,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         watch = ShutdownWatch(asyncio.get_running_loop(), shutting_down)
         watch.install()
         cache = ModelCache(store, settings.model_cache_size)
-        app.state.charnn = AppState(settings, store, runner, events, cache)
+        app.state.charnn = AppState(
+            settings,
+            store,
+            runner,
+            JobService(store, runner, events, settings),
+            ModelService(store, cache, settings.model_limits, settings.max_body_bytes),
+        )
         try:
             yield
         finally:

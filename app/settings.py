@@ -10,13 +10,11 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-if TYPE_CHECKING:
-    from .model_meta import ModelLimits
+from .domain import ModelLimits
 
 _JOB_THREADS = 2
 
@@ -253,8 +251,6 @@ class Settings(BaseSettings):
     @property
     def model_limits(self) -> ModelLimits:
         """The ceilings every stored model meets, uploaded or trained."""
-        from .model_meta import ModelLimits  # numpy-heavy: only when a model is checked
-
         return ModelLimits(self.max_hidden_size, self.max_vocab_size, self.max_model_bytes)
 
     @property

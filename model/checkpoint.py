@@ -42,10 +42,11 @@ from typing import Any, NoReturn, cast, get_args
 import numpy as np
 
 from .atomic import atomic_write_bytes
+from .config import StopReason, TrainConfig
 from .errors import CheckpointError, ConfigError
 from .optim import init_state
 from .params import PARAM_NAMES, Params, flat_size, param_shapes
-from .train import StopReason, TrainConfig, TrainResult, TrainState
+from .state import TrainResult, TrainState
 from .vocab import Vocab
 
 MODEL_FORMAT = "charnn-model"

@@ -7,12 +7,12 @@ bit-exactly; every update works in place with preallocated scratch buffers.
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import numpy as np
 
-OptimizerName = Literal["sgd", "adagrad", "adam"]
-OPTIMIZERS: tuple[str, ...] = ("sgd", "adagrad", "adam")
+from .config import OPTIMIZER_NAMES
+
+OPTIMIZERS = OPTIMIZER_NAMES  # model/config.py names them
 
 ADAM_BETA1 = 0.9
 ADAM_BETA2 = 0.999

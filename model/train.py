@@ -20,92 +20,36 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Literal
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
 from . import data
+from .config import StopReason, TrainConfig
 from .errors import ConfigError, CorpusError, DivergedError
-from .optim import OPTIMIZERS, Optimizer, clip_by_global_norm
-from .params import DTYPES, Params, init_params
+from .optim import Optimizer, clip_by_global_norm
+from .params import Params, init_params
 from .rnn import Workspace, loss_only
 from .shards import make_shards
+from .state import TrainResult, TrainState
 from .vocab import Vocab
+
+__all__ = [  # TrainConfig and the state records live in their own modules; also named here
+    "Progress",
+    "StopReason",
+    "TrainConfig",
+    "TrainResult",
+    "TrainState",
+    "Trainer",
+    "corpus_digest",
+    "evaluate",
+    "train",
+]
 
 # Both shards at once where there are two cores; results do not depend on it.
 DEFAULT_THREADS = min(2, os.cpu_count() or 1)
-
-StopReason = Literal["max_steps", "time_limit", "early_stopping", "stopped"]
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Hyperparameters; saved in every checkpoint. Defaults chosen by measurement."""
-
-    hidden_size: int = 256  # n_a
-    seq_length: int = 64  # T: characters per truncated-BPTT chunk
-    batch_size: int = 64  # B: parallel streams
-    learning_rate: float = 8e-3
-    optimizer: str = "adam"  # sgd | adagrad | adam
-    weight_decay: float = 0.0  # decoupled (AdamW-style) shrinkage per unit learning rate
-    grad_clip: float = 5.0  # max global L2 norm of the gradient; 0 = no clipping
-    max_steps: int | None = 2000  # None: until time_limit_s
-    time_limit_s: float | None = None  # wall-clock budget for training, evals included
-    val_fraction: float = 0.1  # tail of the corpus held out for validation
-    eval_every: int = 200  # steps between validation losses
-    patience: int | None = None  # stop after this many evals without improvement
-    lr_final: float = 0.01  # cosine decay of the learning rate to this fraction of it
-    dtype: str = "float32"  # float32 | float64
-    seed: int = 0
-    log_every: int = 10  # steps between progress events
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.hidden_size < 1:
-            problems.append("hidden_size must be >= 1")
-        if self.seq_length < 1:
-            problems.append("seq_length must be >= 1")
-        if self.batch_size < 1:
-            problems.append("batch_size must be >= 1")
-        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
-            problems.append("learning_rate must be a finite number > 0")
-        if self.optimizer not in OPTIMIZERS:
-            problems.append(f"optimizer must be one of {', '.join(OPTIMIZERS)}")
-        if not (math.isfinite(self.weight_decay) and 0 <= self.weight_decay <= 10):
-            problems.append("weight_decay must be in [0, 10]")
-        if not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
-            problems.append("grad_clip must be a finite number >= 0")
-        if self.max_steps is not None and self.max_steps < 1:
-            problems.append("max_steps must be >= 1 (or None)")
-        if self.time_limit_s is not None and not self.time_limit_s > 0:
-            problems.append("time_limit_s must be > 0 (or None)")
-        if self.max_steps is None and self.time_limit_s is None:
-            problems.append("set max_steps, time_limit_s or both")
-        if not 0 <= self.val_fraction < 1:
-            problems.append("val_fraction must be in [0, 1)")
-        if self.eval_every < 1 or self.log_every < 1:
-            problems.append("eval_every and log_every must be >= 1")
-        if self.patience is not None and self.patience < 1:
-            problems.append("patience must be >= 1 (or None)")
-        if not 0 < self.lr_final <= 1:
-            problems.append("lr_final must be in (0, 1]")
-        if self.dtype not in DTYPES:
-            problems.append(f"dtype must be one of {', '.join(DTYPES)}")
-        if problems:
-            raise ConfigError("; ".join(problems))
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown hyperparameters: {', '.join(unknown)}")
-        return cls(**d)
 
 
 @dataclass(frozen=True)
@@ -121,38 +65,6 @@ class Progress:
     total_steps: int | None
     best_val_loss: float | None
     best_step: int | None
-
-
-@dataclass
-class TrainState:
-    """Everything needed to continue a run exactly where it stopped."""
-
-    config: TrainConfig
-    vocab: Vocab
-    corpus_sha256: str
-    params: Params
-    optimizer: dict[str, np.ndarray]
-    hidden: np.ndarray  # (B, n_a) carried into the next chunk
-    step: int = 0
-    epoch: int = 0
-    chunk: int = 0  # next chunk index within the epoch
-    elapsed_s: float = 0.0
-    best_params: Params | None = None
-    best_val_loss: float | None = None
-    best_step: int | None = None
-    evals_since_best: int = 0
-    last_train_loss: float | None = None
-    last_val_loss: float | None = None
-    last_eval_step: int | None = None
-    stop_reason: StopReason | None = None
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    params: Params  # best validation weights (last weights when there is no validation)
-    vocab: Vocab
-    config: TrainConfig
-    metrics: dict[str, Any] = field(default_factory=dict)
 
 
 def corpus_digest(text: str) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from app.schemas import Hyperparameters
+from app.jobs.schemas import Hyperparameters
 from app.settings import Settings
 
 from .conftest import ROOT, Served

@@ -212,7 +212,7 @@ def test_submit_on_one_replica_follow_on_the_other_predict_on_both(cluster: Clus
 def test_a_killed_worker_s_job_resumes_on_the_other_from_its_checkpoint(
     cluster: Cluster,
 ) -> None:
-    from app.store_pg import PostgresStore
+    from app.store.postgres import PostgresStore
 
     hp = {**TINY, "max_steps": 30_000, "eval_every": 10_000}
     job_id = submit(cluster.a.url, hp)
@@ -313,7 +313,7 @@ if pid:
     time.sleep(3600)  # the "main process", until the test kills it
 else:
     logging.basicConfig(level=logging.INFO)
-    import app.tasks as tasks
+    import app.jobs.tasks as tasks
     tasks._pool_parent = os.getppid()
     tasks.train(sys.argv[1])
     os._exit(0)  # reached only if the job ended before its parent died
@@ -413,7 +413,7 @@ def test_killing_only_a_worker_s_main_process_leaves_no_orphan(cluster: Cluster)
 
 
 def test_an_orphaned_pool_process_stops_writing_and_exits(cluster: Cluster) -> None:
-    from app.store_pg import PostgresStore
+    from app.store.postgres import PostgresStore
 
     with PostgresStore(cluster.env["CHARNN_DATABASE_URL"]) as store:
         hp = {**TINY, "max_steps": 30_000, "eval_every": 10_000}

@@ -20,9 +20,9 @@ import pytest
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
-from app.deps import require_api_key
+from app.api import health, jobs, models
+from app.api.deps import require_api_key
 from app.main import create_app
-from app.routes import health, jobs, models
 from model.checkpoint import ModelCheckpoint, model_to_bytes
 from model.params import init_params
 from model.vocab import Vocab
@@ -340,9 +340,10 @@ def test_an_internal_error_is_a_500_without_details(tmp_path: Path) -> None:
     async def go() -> None:
         app = create_app(settings_for(data_dir))
         async with app.router.lifespan_context(app):
-            real = app.state.charnn.store
-            app.state.charnn.store = BrokenStore(data_dir)
-            app.state.charnn.models.store = BrokenStore(data_dir)
+            state = app.state.charnn
+            real = state.store
+            broken = BrokenStore(data_dir)
+            state.store = state.jobs.store = state.models.store = state.models.cache.store = broken
             transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
             try:
                 async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
@@ -359,8 +360,9 @@ def test_an_internal_error_is_a_500_without_details(tmp_path: Path) -> None:
                         assert_no_leak(r, data_dir)
                         assert "disk I/O" not in r.text
             finally:
-                app.state.charnn.store = real
-                app.state.charnn.models.store = real
+                state.store = state.jobs.store = state.models.store = state.models.cache.store = (
+                    real
+                )
 
     run(go())
 

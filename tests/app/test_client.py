@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from app.client import ApiError, AsyncClient, Client, JobEvent, JobFailed
-from app.schemas import (
+from app.jobs.schemas import (
     CorpusInfo,
     HyperparametersOut,
     JobMetrics,

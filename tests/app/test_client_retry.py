@@ -23,8 +23,8 @@ import pytest
 from pydantic import BaseModel
 
 from app.client import ApiError, AsyncClient, Client
-from app.model_schemas import GenerateOut, ModelList, ModelOut, NextChar, PredictOut, ScoreOut
-from app.schemas import JobList, JobOut, MetricPointOut, MetricsOut
+from app.jobs.schemas import JobList, JobOut, MetricPointOut, MetricsOut
+from app.serving.schemas import GenerateOut, ModelList, ModelOut, NextChar, PredictOut, ScoreOut
 
 from .test_client import job_record
 

@@ -1,0 +1,148 @@
+"""Request and response bodies of the jobs API (separate models for in and out).
+
+Hyperparameter defaults are model/'s TrainConfig defaults (one source of
+truth); the bounds here are absolute, and the settings narrow them further
+(``max_hidden_size`` and friends), checked when a job is submitted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from model.config import HYPERPARAMETERS, DType, Optimizer
+
+from ..domain import JobStatus, Name
+
+__all__ = ["JobStatus"]  # re-exported: the client names job statuses through here
+
+
+def _hp(name: str, *, number: bool = False) -> Any:
+    """The field of hyperparameter ``name``: default, bounds and meaning, from model/config."""
+    h = HYPERPARAMETERS[name]
+    return Field(
+        h.default,
+        description=h.help,
+        ge=h.ge,
+        gt=h.gt,
+        le=h.le,
+        lt=h.lt,
+        allow_inf_nan=False if number else None,
+    )
+
+
+class Hyperparameters(BaseModel):
+    """Every field optional; omitted ones take model/'s measured defaults."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)  # true is not 1, "16" not 16
+
+    hidden_size: int = _hp("hidden_size")
+    seq_length: int = _hp("seq_length")
+    batch_size: int = _hp("batch_size")
+    learning_rate: float = _hp("learning_rate", number=True)
+    optimizer: Optimizer = _hp("optimizer")
+    grad_clip: float = _hp("grad_clip", number=True)
+    max_steps: int | None = _hp("max_steps")
+    time_limit_s: float | None = _hp("time_limit_s", number=True)
+    val_fraction: float = _hp("val_fraction", number=True)
+    eval_every: int = _hp("eval_every")
+    dtype: DType = _hp("dtype")
+
+
+class JobCreate(BaseModel):
+    """``POST /jobs`` as JSON; multipart sends the same minus ``corpus`` in ``config``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    corpus: str = Field(description="UTF-8 training text")
+    name: Name | None = None
+    hyperparameters: Hyperparameters = Field(default_factory=lambda: Hyperparameters())
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    init_from: str | None = Field(None, max_length=200, description="model id or name")
+
+
+def _default(name: str) -> Any:
+    return HYPERPARAMETERS[name].default
+
+
+class HyperparametersOut(BaseModel):
+    """A job's hyperparameters as answered: no bounds (the request checked them, and a
+    server's ceilings may have changed since), so a stored job can always be shown."""
+
+    hidden_size: int = _default("hidden_size")
+    seq_length: int = _default("seq_length")
+    batch_size: int = _default("batch_size")
+    learning_rate: float = _default("learning_rate")
+    optimizer: str = _default("optimizer")
+    grad_clip: float = _default("grad_clip")
+    max_steps: int | None = _default("max_steps")
+    time_limit_s: float | None = _default("time_limit_s")
+    val_fraction: float = _default("val_fraction")
+    eval_every: int = _default("eval_every")
+    dtype: str = _default("dtype")
+
+
+class JobConfig(BaseModel):
+    """The ``config`` part of a multipart ``POST /jobs``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: Name | None = None
+    hyperparameters: Hyperparameters = Field(default_factory=lambda: Hyperparameters())
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    init_from: str | None = Field(None, max_length=200)
+
+
+class CorpusInfo(BaseModel):
+    chars: int
+    vocab_size: int
+
+
+class JobProgress(BaseModel):
+    step: int
+    total_steps: int | None
+    fraction: float | None
+    eta_s: float | None
+
+
+class JobMetrics(BaseModel):
+    train_loss: float | None = Field(description="mean over the latest logged steps")
+    val_loss: float | None = Field(description="best validation loss so far")
+    chars_per_sec: float | None
+
+
+class JobOut(BaseModel):
+    id: str
+    name: str | None
+    status: JobStatus
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    hyperparameters: HyperparametersOut
+    seed: int
+    init_from: str | None
+    corpus: CorpusInfo
+    progress: JobProgress
+    metrics: JobMetrics
+    model_id: str | None
+    error: str | None
+
+
+class JobList(BaseModel):
+    items: list[JobOut]
+    total: int
+    limit: int
+    offset: int
+
+
+class MetricPointOut(BaseModel):
+    step: int
+    elapsed_s: float
+    train_loss: float
+    val_loss: float | None
+
+
+class MetricsOut(BaseModel):
+    job_id: str
+    points: list[MetricPointOut]

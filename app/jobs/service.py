@@ -1,0 +1,309 @@
+"""Training jobs, the rules: submit (every check before anything is stored), read, follow,
+cancel, delete.
+
+The HTTP routes (``app/api/jobs.py``) parse a request, call one method here and
+send what it returns. Refusals are the service errors of ``app/errors.py`` and
+model/'s own (``CorpusError``, ``ConfigError``, ``UnknownCharactersError``: 422);
+a full queue is the store's ``QueueFullError`` (429), raised in the same
+transaction as the insert so racing submissions never overfill it. Methods that
+touch the store are plain functions the routes run in the thread pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi.concurrency import run_in_threadpool
+
+from model.config import TrainConfig
+from model.data import check_trainable, split_lengths
+from model.errors import CheckpointError, UnknownCharactersError
+from model.memory import training_bytes
+from model.params import hidden_size_for
+from model.vocab import Vocab
+
+from ..domain import TERMINAL_STATUSES, JobStatus, text_problem
+from ..errors import Conflict, Invalid, NotFound, Unavailable
+from ..settings import Settings
+from ..store.base import JobActiveError, JobRecord, Store, readable
+from ..store.validation import check_limits
+from .events import CLOSING, EventHub
+from .runner import Runner
+from .schemas import (
+    CorpusInfo,
+    HyperparametersOut,
+    JobCreate,
+    JobList,
+    JobMetrics,
+    JobOut,
+    JobProgress,
+    MetricPointOut,
+    MetricsOut,
+)
+
+# The corpus in the job process: its text (up to 4 bytes a character) and about 25 bytes
+# a character while it is encoded (model/memory.py says what training_bytes leaves out).
+CORPUS_BYTES_PER_CHAR = 29
+KEEP_ALIVE_S = 15.0  # an event stream's silence before it re-reads the job
+CANCEL_WAIT_S = 5.0  # how long a cancel waits for the job to be cancelled
+
+Event = tuple[str, dict[str, Any], int | None]  # (event name, data, id): an SSE event
+_UNREADABLE: set[str] = set()
+
+
+def job_out(job: JobRecord) -> JobOut:
+    total = job.total_steps or job.hyperparameters.get("max_steps")
+    return JobOut(
+        id=job.id,
+        name=job.name,
+        status=job.status,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        hyperparameters=HyperparametersOut.model_validate(job.hyperparameters),
+        seed=job.seed,
+        init_from=job.init_from,
+        corpus=CorpusInfo(chars=job.corpus_chars, vocab_size=job.vocab_size),
+        progress=JobProgress(
+            step=job.step,
+            total_steps=total,
+            fraction=min(job.step / total, 1.0) if total else None,
+            eta_s=job.eta_s if job.status == "running" else None,
+        ),
+        metrics=JobMetrics(
+            train_loss=job.train_loss, val_loss=job.val_loss, chars_per_sec=job.chars_per_sec
+        ),
+        model_id=job.model_id,
+        error=job.error,
+    )
+
+
+def jobs_out(jobs: list[JobRecord]) -> list[JobOut]:
+    """The jobs that can be shown; one that cannot (an old bug's row) is logged, skipped."""
+    return readable(jobs, job_out, "job", _UNREADABLE)
+
+
+class JobService:
+    def __init__(self, store: Store, runner: Runner, events: EventHub, settings: Settings) -> None:
+        self.store = store
+        self.runner = runner
+        self.events = events
+        self.settings = settings
+
+    # ------------------------------------------------------------------ submit
+
+    def submit(self, body: JobCreate) -> JobOut:
+        """Check everything, then store the job and queue it."""
+        self._check_ceilings(body)
+        corpus = body.corpus
+        if problem := text_problem(corpus):
+            raise Invalid(f"corpus {problem}")
+        if not corpus.strip():
+            raise Invalid("the corpus is empty or only whitespace")
+        hp = body.hyperparameters.model_dump()
+        init_id = None
+        if body.init_from is not None:
+            base = self.store.resolve_model(body.init_from)
+            if base is None:
+                raise NotFound(f"no model with id or name {body.init_from[:64]!r} to start from")
+            vocab = Vocab(tuple(base.vocab))
+            init_id, hp["hidden_size"] = base.id, hidden_size_for(base.param_count, len(vocab))
+            if hp["hidden_size"] > self.settings.max_hidden_size:
+                raise Invalid(
+                    f"init_from model {base.id} has hidden size {hp['hidden_size']}, over this "
+                    f"server's limit of {self.settings.max_hidden_size} (max_hidden_size)"
+                )
+            unknown = vocab.unknown(corpus)
+            if unknown:
+                raise UnknownCharactersError(unknown)
+            n_distinct = len(Vocab.from_text(corpus))  # a fine-tuning vocabulary may hold more
+        else:
+            vocab = Vocab.from_text(corpus)
+            n_distinct = len(vocab)
+            if n_distinct > self.settings.max_vocab_size:
+                raise Invalid(
+                    f"the corpus has {n_distinct} distinct characters; this server allows "
+                    f"{self.settings.max_vocab_size} (max_vocab_size)"
+                )
+        config = TrainConfig.from_dict({**hp, "seed": body.seed})  # ConfigError -> 422
+        # Sized, not encoded: the job process encodes the corpus; a 10M-character request
+        # need not pay for it twice.
+        split = split_lengths(len(corpus), config.val_fraction)
+        check_trainable(split[0], n_distinct, config.seq_length)  # CorpusError -> 422
+        self._check_size(config, len(vocab), len(corpus), split)
+
+        if not self.store.writable():
+            raise Unavailable("the data directory is not writable; no new jobs can be stored")
+        # The queue's room is checked in the store's insert transaction (QueueFullError:
+        # 429, nothing stored); a write that fails is StoreUnavailable (503, nothing stored).
+        job = self.store.create_job(
+            body.name or "untitled",
+            corpus,
+            hp,
+            body.seed,
+            init_id,
+            len(vocab),
+            max_queued=self.settings.max_queued_jobs,
+        )
+        self.runner.submit(job.id)
+        return job_out(job)
+
+    def _check_ceilings(self, body: JobCreate) -> None:
+        s, hp = self.settings, body.hyperparameters
+        problems = [
+            f"{name} {value} is over this server's limit of {limit}"
+            for name, value, limit in (
+                ("hidden_size", hp.hidden_size, s.max_hidden_size),
+                ("seq_length", hp.seq_length, s.max_seq_length),
+                ("batch_size", hp.batch_size, s.max_batch_size),
+                ("max_steps", hp.max_steps or 0, s.max_steps),
+                ("time_limit_s", hp.time_limit_s or 0, s.max_time_limit_s),
+            )
+            # with init_from the base model decides the hidden size (checked in submit)
+            if value > limit and not (name == "hidden_size" and body.init_from is not None)
+        ]
+        if len(body.corpus) > s.max_corpus_chars:
+            problems.append(
+                f"corpus has {len(body.corpus)} characters; this server allows "
+                f"{s.max_corpus_chars} (max_corpus_chars)"
+            )
+        if problems:
+            raise Invalid("; ".join(problems))
+
+    def _check_size(
+        self, config: TrainConfig, n_x: int, corpus_chars: int, split: tuple[int, int]
+    ) -> None:
+        """The job's model and its training memory, bounded before anything is stored."""
+        s = self.settings
+        try:
+            check_limits(config.hidden_size, n_x, config.dtype, s.model_limits, "this job's model")
+        except CheckpointError as e:
+            raise Invalid(str(e)) from None
+        need = (
+            training_bytes(
+                config.hidden_size,
+                n_x,
+                config.seq_length,
+                config.batch_size,
+                config.dtype,
+                config.optimizer,
+                train_chars=split[0],
+                val_chars=split[1],
+            )
+            + CORPUS_BYTES_PER_CHAR * corpus_chars
+        )
+        if need > s.max_job_memory_bytes:
+            raise Invalid(
+                f"this job would need about {need / 2**20:,.0f} MiB of memory (hidden_size "
+                f"{config.hidden_size}, {n_x} distinct characters, batch_size "
+                f"{config.batch_size}, seq_length {config.seq_length}); this server allows "
+                f"{s.max_job_memory_bytes / 2**20:,.0f} MiB (max_job_memory_bytes)"
+            )
+
+    # ------------------------------------------------------------------ read
+
+    def _record(self, job_id: str) -> JobRecord:
+        job = self.store.get_job(job_id)
+        if job is None or not jobs_out([job]):
+            raise NotFound(f"no job with id {job_id[:64]!r}")
+        return job
+
+    def get(self, job_id: str) -> JobOut:
+        return job_out(self._record(job_id))
+
+    def list(self, status: JobStatus | None, limit: int, offset: int) -> JobList:
+        jobs = self.store.list_jobs(status, limit, offset)
+        total = self.store.count_jobs(status)
+        return JobList(items=jobs_out(jobs), total=total, limit=limit, offset=offset)
+
+    def metrics(self, job_id: str, after_step: int) -> MetricsOut:
+        self._record(job_id)
+        points = self.store.get_metrics(job_id, after_step)
+        return MetricsOut(
+            job_id=job_id,
+            points=[
+                MetricPointOut(
+                    step=p.step, elapsed_s=p.elapsed_s, train_loss=p.train_loss, val_loss=p.val_loss
+                )
+                for p in points
+            ],
+        )
+
+    # ------------------------------------------------------------------ change
+
+    async def cancel(self, job_id: str) -> JobOut:
+        """Stop a queued or running job; answers once it is cancelled (or after
+        ``CANCEL_WAIT_S`` with the job as it is then)."""
+        job = await run_in_threadpool(self._record, job_id)
+        if job.status in TERMINAL_STATUSES:
+            raise Conflict(
+                f"job {job_id} is already {job.status}; only queued or running jobs can be "
+                "cancelled"
+            )
+        # Off the event loop: the runner may be busy recording (its lock), the store slow.
+        await run_in_threadpool(self.runner.cancel, job_id)
+        for _ in range(int(CANCEL_WAIT_S / 0.05)):
+            job = await run_in_threadpool(self._record, job_id)
+            if job.status in TERMINAL_STATUSES:
+                break
+            await asyncio.sleep(0.05)
+        return job_out(job)
+
+    def delete(self, job_id: str) -> None:
+        try:
+            deleted = self.store.delete_job(job_id)
+        except JobActiveError as e:
+            raise Conflict(
+                f"job {job_id} is {e.status}; cancel it first (POST /jobs/{job_id}/cancel), "
+                "then delete it"
+            ) from None
+        if not deleted:
+            raise NotFound(f"no job with id {job_id[:64]!r}")
+
+    # ------------------------------------------------------------------ follow
+
+    async def follow(self, job_id: str) -> AsyncIterator[Event]:
+        """The job's events, from its state now to its end: a ``progress`` snapshot first,
+        ``progress`` while it runs, one final ``status``. Not found: raised before the
+        first event. When the server shuts down, a ``closing`` event ends it."""
+        await run_in_threadpool(self._record, job_id)  # 404 before the stream starts
+
+        async def events() -> AsyncIterator[Event]:
+            # Subscribe inside the stream, so one that never starts (client gone)
+            # leaves no subscription behind; before the snapshot, so nothing is missed.
+            queue = self.events.subscribe(job_id)
+            try:
+                current = await run_in_threadpool(self._record, job_id)
+                snapshot = job_out(current).model_dump()
+                if current.status in TERMINAL_STATUSES:
+                    yield "status", snapshot, current.step
+                    return
+                yield "progress", {"step": current.step, "job": snapshot}, current.step
+                while True:
+                    try:
+                        m = await asyncio.wait_for(queue.get(), timeout=KEEP_ALIVE_S)
+                    except TimeoutError:
+                        # An event missed (e.g. a scale-out replica's Redis subscription
+                        # reconnecting) must not leave the stream open forever: ask the store.
+                        now = await run_in_threadpool(self._record, job_id)
+                        if now.status in TERMINAL_STATUSES:
+                            yield "status", job_out(now).model_dump(), now.step
+                            return
+                        yield "keep-alive", {}, None
+                        continue
+                    if m is CLOSING:
+                        yield "closing", {}, None
+                        return
+                    if m.get("type") == "progress":
+                        data = {k: v for k, v in m.items() if k != "type"}
+                        yield "progress", data, int(m["step"])
+                    elif m.get("type") == "status" and m.get("status") in TERMINAL_STATUSES:
+                        final = await run_in_threadpool(self._record, job_id)
+                        yield "status", job_out(final).model_dump(), final.step
+                        return
+            finally:
+                self.events.unsubscribe(job_id, queue)
+
+        return events()

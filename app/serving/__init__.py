@@ -1,0 +1,1 @@
+"""Serving trained models: schemas, the model cache, sliced model math, the service."""

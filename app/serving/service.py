@@ -1,0 +1,233 @@
+"""Serving models: find and load one, predict, generate, score; list, upload, delete.
+
+The HTTP routes (``app/api/models.py``) parse a request, call one method here
+and send what it returns. Model math runs on the event loop in short slices
+(``slices.py``: why not threads); store and file access are plain methods the
+routes run in the thread pool. Refusals are the service errors of
+``app/errors.py``; characters outside a vocabulary are model/'s
+``UnknownCharactersError``; a checkpoint that fails validation is
+``CheckpointError``: both map to 422 there.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+from fastapi.concurrency import run_in_threadpool
+from pydantic import TypeAdapter, ValidationError
+
+from model.errors import CheckpointError
+from model.inference import (
+    SampleStream,
+    entropy_bits,
+    iter_sample,
+    next_distribution,
+    score_summary,
+)
+from model.params import hidden_size_for
+
+from ..domain import ModelLimits, Name
+from ..errors import Invalid, NotFound, Unavailable
+from ..store.base import ModelRecord, Store, readable
+from ..store.validation import validate_model_bytes
+from . import slices
+from .cache import LoadedModel, ModelCache
+from .schemas import (
+    GenerateIn,
+    GenerateOut,
+    ModelList,
+    ModelOut,
+    NextChar,
+    PredictIn,
+    PredictOut,
+    ScoreIn,
+    ScoreOut,
+)
+
+log = logging.getLogger("charnn.serving")
+
+# Float weights barely compress (~10 %), so a genuine compressed .npz never expands 4x.
+UPLOAD_EXPANSION = 4
+_NAME: TypeAdapter[str] = TypeAdapter(Name)
+Event = tuple[str, dict[str, Any]]  # (event name, data): the route makes it Server-Sent
+_UNREADABLE: set[str] = set()
+
+
+def model_out(m: ModelRecord) -> ModelOut:
+    V = len(m.vocab)
+    return ModelOut(
+        id=m.id,
+        name=m.name,
+        created_at=m.created_at,
+        job_id=m.job_id,
+        vocab=m.vocab,
+        vocab_size=V,
+        hidden_size=hidden_size_for(m.param_count, V),
+        hyperparameters=m.hyperparameters,
+        train_loss=m.metrics.get("train_loss"),
+        val_loss=m.metrics.get("val_loss"),
+        metrics=m.metrics,
+        param_count=m.param_count,
+        size_bytes=m.size_bytes,
+        dtype=m.dtype,
+    )
+
+
+def models_out(records: list[ModelRecord]) -> list[ModelOut]:
+    """The models that can be shown; one that cannot (an old bug's row) is logged, skipped."""
+    return readable(records, model_out, "model", _UNREADABLE)
+
+
+def _not_found(model_id: str) -> NotFound:
+    return NotFound(f"no model with id {model_id[:64]!r}")
+
+
+class ModelService:
+    def __init__(
+        self, store: Store, cache: ModelCache, limits: ModelLimits, max_body_bytes: int
+    ) -> None:
+        self.store = store
+        self.cache = cache
+        self.limits = limits
+        # Uncompressed, an upload may be at most UPLOAD_EXPANSION times the body limit: a
+        # small zip bomb must not make the server allocate the loader's 512 MB default.
+        self.max_upload_bytes = UPLOAD_EXPANSION * max_body_bytes
+
+    # ------------------------------------------------------------------ computing
+
+    async def loaded(self, ref: str | None) -> LoadedModel:
+        """The model ``ref`` names (None: the newest), loaded; the store decides existence,
+        through a lookup cache that a model's deletion or addition invalidates."""
+        found, record = self.cache.cached_record(ref)
+        if not found:
+            record = await run_in_threadpool(self.cache.resolve, ref)
+        if record is None:
+            if ref is None:
+                raise NotFound("there is no trained model yet: train one with POST /jobs")
+            raise NotFound(f"no model with id or name {ref[:64]!r}")
+        loaded = self.cache.cached(record.id)
+        if loaded is None:
+            try:
+                loaded = await run_in_threadpool(self.cache.get, record.id)
+            except CheckpointError:  # it was valid when stored: the file was damaged since
+                log.error("model %s: its stored checkpoint no longer loads", record.id)
+                raise Unavailable(
+                    f"model {record.id}'s stored checkpoint is damaged; the operator can find "
+                    "out more with `charnn check`"
+                ) from None
+        if loaded is None:
+            raise NotFound(f"model {record.id} has no checkpoint")
+        return loaded
+
+    async def predict(self, body: PredictIn) -> PredictOut:
+        loaded = await self.loaded(body.model)
+        vocab = loaded.ckpt.vocab
+        text = body.text if body.unknown == "error" else vocab.drop_unknown(body.text)
+        h = await slices.state_after(loaded, text)  # UnknownCharactersError -> 422 naming them
+        probs = next_distribution(loaded.weights, h, body.temperature)
+        order = np.argsort(-probs, kind="stable")
+        if body.top_k is not None:
+            order = order[: body.top_k]
+        chars, top = vocab.chars, probs[order].tolist()
+        return PredictOut(
+            model=loaded.id,
+            text=body.text,
+            next=[
+                NextChar(char=chars[i], prob=p) for i, p in zip(order.tolist(), top, strict=True)
+            ],
+            entropy_bits=entropy_bits(probs),
+        )
+
+    async def _sampler(self, body: GenerateIn) -> tuple[LoadedModel, SampleStream]:
+        loaded = await self.loaded(body.model)
+        if any(not s for s in body.stop):
+            raise Invalid("stop strings must not be empty")
+        prompt_state = await slices.state_after(loaded, body.prompt)  # unknown characters: 422
+        stream = iter_sample(
+            loaded.weights,
+            loaded.ckpt.vocab,
+            body.prompt,
+            state=prompt_state,
+            max_chars=body.max_chars,
+            temperature=body.temperature,
+            top_k=body.top_k,
+            top_p=body.top_p,
+            seed=body.seed,
+            stop=body.stop,
+        )
+        return loaded, stream
+
+    async def generate(self, body: GenerateIn) -> GenerateOut:
+        loaded, stream = await self._sampler(body)
+        text = await slices.sample_all(stream, loaded.weights.n_a)
+        return GenerateOut(
+            model=loaded.id, text=text, finish_reason=stream.finish_reason or "length"
+        )
+
+    async def generate_events(self, body: GenerateIn) -> AsyncIterator[Event]:
+        """The sample as events: one ``chunk`` per character, then ``done``. Refusals (no
+        such model, unknown characters) are raised here, before the first event."""
+        loaded, stream = await self._sampler(body)
+
+        async def events() -> AsyncIterator[Event]:
+            parts: list[str] = []
+            while chunk := await slices.sample_slice(stream, loaded.weights.n_a):
+                for ch in chunk:
+                    parts.append(ch)
+                    yield "chunk", {"text": ch}
+            final = {"model": loaded.id, "text": "".join(parts)}
+            yield "done", {**final, "finish_reason": stream.finish_reason or "length"}
+
+        return events()
+
+    async def score(self, body: ScoreIn) -> ScoreOut:
+        loaded = await self.loaded(body.model)
+        logprobs = await slices.score_text(loaded, body.text)
+        s = score_summary(logprobs)
+        return ScoreOut(
+            model=loaded.id,
+            chars=s.chars,
+            logprobs=logprobs.tolist(),
+            mean_nats=s.mean_nats,
+            bits_per_char=s.bits_per_char,
+            perplexity=s.perplexity,
+        )
+
+    # ------------------------------------------------------------------ managing (blocking)
+
+    def list(self, limit: int, offset: int) -> ModelList:
+        items = models_out(self.store.list_models(limit, offset))
+        return ModelList(items=items, total=self.store.count_models(), limit=limit, offset=offset)
+
+    def get(self, model_id: str) -> ModelOut:
+        record = self.store.get_model(model_id)
+        shown = models_out([record]) if record is not None else []
+        if not shown:
+            raise _not_found(model_id)
+        return shown[0]
+
+    def delete(self, model_id: str) -> None:
+        if not self.store.delete_model(model_id):
+            raise _not_found(model_id)
+        self.cache.forget(model_id)
+
+    def checkpoint(self, model_id: str) -> bytes:
+        data = self.store.read_model_bytes(model_id)
+        if data is None:
+            raise _not_found(model_id)
+        return data
+
+    def upload(self, data: bytes, name: str | None) -> ModelOut:
+        """Store an uploaded checkpoint, validated as a trained one (CheckpointError ->
+        422 naming the field or ceiling; a store that cannot write -> 503)."""
+        if name is not None:
+            try:
+                name = _NAME.validate_python(name)
+            except ValidationError as e:
+                raise Invalid(f"name: {e.errors()[0]['msg']}") from None
+        valid = validate_model_bytes(data, self.limits, max_bytes=self.max_upload_bytes)
+        record = self.store.add_model(valid.to_store(name or valid.name or "uploaded", data))
+        return model_out(record)
