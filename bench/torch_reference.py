@@ -48,7 +48,7 @@ class TorchRNN:
         torch.nn.utils.clip_grad_norm_(self.params, self.clip)
         self.opt.step()
         self.h = h.detach()
-        return float(loss)
+        return float(loss.detach())
 
     def summed_loss(self, X: np.ndarray, Y: np.ndarray, h: Any) -> tuple[float, Any]:
         """Summed nats over a chunk without gradients, and the state after it."""

@@ -131,16 +131,17 @@ def _evaluation(H: int, V: int, s: int, val_chars: int | None) -> int:
 
 
 def _workspace(T: int, B: int, H: int, V: int, s: int) -> int:
-    """model/rnn.py Workspace: hs, pre, dh, carry; probs, one_hot; grads; rows (int64)."""
-    return s * ((3 * T + 2) * B * H + 2 * T * B * V + flat_size(H, V)) + 8 * T * B
+    """model/rnn.py Workspace: hs, pre, dh, carry; probs, one_hot; grads; the two
+    transposed weights; rows (int64)."""
+    return s * ((3 * T + 2) * B * H + 2 * T * B * V + flat_size(H, V) + H * H + H * V) + 8 * T * B
 
 
 def _pass(T: int, B: int, H: int, V: int, s: int) -> int:
     """What one loss_and_grads/loss_only call allocates beyond its workspace.
 
-    The input gather: Wax transposed, and np.take's buffer for its whole (T*B, n_a)
-    output (mode="raise" buffers ``out``); int32 indices converted to intp for the fancy
-    indexing; row maxima and sums; the float64 picked logits, sums and logs of the loss.
+    int32 indices converted to intp for the fancy indexing; row maxima and sums; the
+    float64 picked logits, sums and logs of the loss (the transposed weights are the
+    workspace's, and np.take writes in place: mode="clip").
     """
     N = T * B
-    return s * (H * V + N * H + 2 * N) + 40 * N
+    return s * 2 * N + 40 * N

@@ -115,3 +115,22 @@ def test_bad_shapes_are_rejected() -> None:
         loss_and_grads(params, X, Y, h0[:, :2])
     with pytest.raises(ValueError, match=r"\(T, B\)"):
         loss_and_grads(params, X[0], Y[0], h0)
+
+
+@pytest.mark.parametrize("scale", [1.0, 40.0])
+def test_large_logits_take_the_shifted_softmax_and_stay_exact(scale: float) -> None:
+    """Below a bound on the logits the softmax skips subtracting each row's maximum;
+    above it (Wya scaled up: logits far past exp's float32 range) it must not, and both
+    paths match the written-out equations, in float64 and float32."""
+    from model.rnn import _needs_shift
+
+    params, X, Y, h0 = tiny_problem(3)
+    params.Wya[...] *= scale
+    params.by[...] *= scale
+    assert _needs_shift(params) == (scale > 1)
+    expected = reference_loss(params, X, Y, h0)
+    assert loss_and_grads(params, X, Y, h0)[0] == pytest.approx(expected, rel=1e-12)
+    single = params.copy("float32")
+    loss32, grads32, _ = loss_and_grads(single, X, Y, h0.astype(np.float32))
+    assert loss32 == pytest.approx(expected, rel=1e-4)
+    assert np.isfinite(grads32.flat).all()
