@@ -31,7 +31,7 @@ class TrainConfig:
     batch_size: int = 64  # B: parallel streams
     learning_rate: float = 8e-3
     optimizer: str = "adam"  # sgd | adagrad | adam
-    weight_decay: float = 0.0  # decoupled (AdamW-style) shrinkage per unit learning rate
+    weight_decay: float = 0.02  # decoupled (AdamW-style) shrinkage per unit learning rate
     grad_clip: float = 5.0  # max global L2 norm of the gradient; 0 = no clipping
     max_steps: int | None = 2000  # None: until time_limit_s
     time_limit_s: float | None = None  # wall-clock budget for training, evals included

@@ -54,6 +54,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow  # over a second: the full suite runs it
 def test_console_script_and_help_for_every_command() -> None:
     assert CHARNN.exists(), "pip install -e . installs the charnn console script"
     commands = [[], ["serve"], ["train"], ["sample"], ["predict"], ["score"], ["remote"]]
@@ -83,6 +84,7 @@ def test_console_script_and_help_for_every_command() -> None:
         assert flag in train_help
 
 
+@pytest.mark.slow  # over a second: the full suite runs it
 def test_train_writes_a_model_that_predicts_samples_and_scores(
     trained: Path, tmp_path: Path
 ) -> None:
@@ -112,6 +114,7 @@ def test_train_writes_a_model_that_predicts_samples_and_scores(
     assert charnn("score", str(trained), "-", stdin="abcd").stdout.startswith("4 characters:")
 
 
+@pytest.mark.slow  # over a second: the full suite runs it
 def test_errors_are_one_line_and_exit_1(trained: Path, tmp_path: Path) -> None:
     assert "cannot read" in one_line_error(
         charnn("train", str(tmp_path / "missing.txt"), "--out", "x.npz")
@@ -190,6 +193,7 @@ def test_remote_commands_against_charnn_serve(charnn_server: Served, tmp_path: P
     assert "x" in one_line_error(charnn("remote", "predict", "abx", *url))
 
 
+@pytest.mark.slow  # over a second: the full suite runs it
 def test_ctrl_c_stops_training_and_still_saves_the_best_model(tmp_path: Path) -> None:
     corpus = tmp_path / "abcd.txt"
     corpus.write_text(PERIODIC, encoding="utf-8")

@@ -35,6 +35,7 @@ SMALL: dict[str, Any] = {
 ENDLESS: dict[str, Any] = {**SMALL, "max_steps": 10**6}
 
 
+@pytest.mark.slow  # over a second: the full suite runs it
 def test_sync_client_trains_serves_and_manages_models(
     serve: Callable[..., Server], tmp_path: Path
 ) -> None:
@@ -133,6 +134,7 @@ def test_sync_client_trains_serves_and_manages_models(
         assert no_job.value.status == 404
 
 
+@pytest.mark.slow  # over a second: the full suite runs it
 def test_async_client_trains_serves_and_manages_models(serve: Callable[..., Server]) -> None:
     server = serve()
 

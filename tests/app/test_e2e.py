@@ -25,6 +25,7 @@ def follow(url: str, job_id: str) -> list[tuple[str, dict[str, Any]]]:
     return events
 
 
+@pytest.mark.slow  # over a second: the full suite runs it
 def test_submit_follow_events_and_read_the_curve(serve: Callable[..., Server]) -> None:
     server = serve()
     r = httpx.post(f"{server.url}/jobs", json={"corpus": CORPUS, "hyperparameters": QUICK})

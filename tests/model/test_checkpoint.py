@@ -674,6 +674,7 @@ def test_rejects_a_member_too_short_for_its_magic() -> None:
     rejects(with_member("ba", b"\x93NUM"), "array 'ba' has a malformed .npy header")
 
 
+@pytest.mark.slow  # over a second: the full suite runs it
 def test_rejects_an_archive_with_tens_of_thousands_of_members() -> None:
     # Counted before any per-member work: this used to take minutes (names.count per name).
     buf = io.BytesIO()

@@ -126,6 +126,7 @@ def test_a_killed_worker_fails_the_job_and_the_runner_goes_on(store: SqliteStore
         runner.stop()
 
 
+@pytest.mark.slow  # over a second: the full suite runs it
 def test_stopping_requeues_and_the_next_runner_resumes_from_the_checkpoint(
     store: SqliteStore,
 ) -> None:

@@ -519,6 +519,7 @@ def _construct(url: str, barrier: Any, results: Any) -> None:
         results.put(("error", repr(exc)))
 
 
+@pytest.mark.slow  # over a second: the full suite runs it
 def test_concurrent_schema_creation_from_processes() -> None:
     name, url = _create_database()
     try:
