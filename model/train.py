@@ -71,19 +71,31 @@ def corpus_digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def _eval_streams(params: Params, ids: np.ndarray, starts: np.ndarray, L: int, T: int) -> float:
-    """Summed nats over streams ids[start : start+L+1], chunks of T, state carried."""
+def _eval_streams(
+    params: Params,
+    ids: np.ndarray,
+    starts: np.ndarray,
+    L: int,
+    T: int,
+    workspaces: dict[int, Workspace],
+) -> float:
+    """Summed nats over streams ids[start : start+L+1], chunks of T, state carried;
+    ``workspaces`` holds one per chunk length."""
     total = 0.0
     h = np.zeros((len(starts), params.n_a), params.dtype)
-    ws = Workspace.for_batch(params, T, len(starts))
     for t0 in range(0, L, T):
         pos = starts[None, :] + np.arange(t0, min(t0 + T, L))[:, None]  # (T', B)
-        if pos.shape[0] != ws.T:
-            ws = Workspace.for_batch(params, pos.shape[0], len(starts))
-        loss, h_last = loss_only(params, ids[pos], ids[pos + 1], h, ws)
+        loss, h_last = loss_only(params, ids[pos], ids[pos + 1], h, workspaces[pos.shape[0]])
         h[...] = h_last
         total += loss * pos.size
     return total
+
+
+def _eval_workspaces(params: Params, B: int, L: int, T: int) -> dict[int, Workspace]:
+    """One workspace per chunk length, made before any thread starts: a pass's memory is
+    the same whatever the threads' timing (model/memory.py counts all of them)."""
+    lengths = {T, L % T} - {0} if L >= T else {T, L}
+    return {n: Workspace.for_batch(params, n, B) for n in sorted(lengths)}
 
 
 def evaluate(
@@ -101,10 +113,13 @@ def evaluate(
     L = (len(ids) - 1) // B
     starts = np.arange(B) * L
     parts = np.array_split(starts, 2) if pool is not None and B >= 2 else [starts]
+    spaces = [_eval_workspaces(params, len(p), L, T) for p in parts]
     if pool is not None and len(parts) > 1:
-        sums = list(pool.map(lambda p: _eval_streams(params, ids, p, L, T), parts))
+        sums = list(
+            pool.map(lambda i: _eval_streams(params, ids, parts[i], L, T, spaces[i]), range(2))
+        )
     else:
-        sums = [_eval_streams(params, ids, p, L, T) for p in parts]
+        sums = [_eval_streams(params, ids, p, L, T, w) for p, w in zip(parts, spaces, strict=True)]
     return sum(sums) / (B * L)
 
 
