@@ -134,10 +134,7 @@ class LocalRunner:
         with self._lock:
             if job_id in self._queue:
                 self._queue.remove(job_id)
-                job = self.store.get_job(job_id)
-                folder = self.store.job_folder(job_id)
-                if job is not None and folder is not None:
-                    self.lifecycle.settle(Run(job, folder), Outcome("cancelled"))
+                self._settle_unstarted(job_id, Outcome("cancelled"))
                 return True
             child = self._running.get(job_id)
             if child is None or child.run.ended:
@@ -189,7 +186,8 @@ class LocalRunner:
                         self._launch(job_id)
                     except Exception as exc:  # the store or the OS refused: fail it, not us
                         log.exception("could not start job %s", job_id)
-                        self._fail_unstarted(job_id, _could_not("start the job", exc))
+                        error = _could_not("start the job", exc)
+                        self._settle_unstarted(job_id, Outcome("failed", error=error))
                 waitables: list[Any] = [c.conn for c in self._running.values()]
                 waitables += [c.process.sentinel for c in self._running.values()]
             if waitables:
@@ -238,11 +236,12 @@ class LocalRunner:
         self._running[job_id] = _Child(run, proc, parent, stop)
         self.lifecycle.started(run)
 
-    def _fail_unstarted(self, job_id: str, error: str) -> None:
+    def _settle_unstarted(self, job_id: str, outcome: Outcome) -> None:
+        """The outcome of a job no process runs (cancelled in the queue, or unstartable)."""
         job = self.store.get_job(job_id)
         folder = self.store.job_folder(job_id)
         if job is not None and folder is not None:
-            self.lifecycle.settle(Run(job, folder), Outcome("failed", error=error))
+            self.lifecycle.settle(Run(job, folder), outcome)
 
     def _drain(self, child: _Child) -> bool:
         """Handle what the child has sent so far, at most ``DRAIN_BATCH`` messages: a

@@ -294,11 +294,9 @@ class _Execution:
         """Try again a few times (heartbeats go on meanwhile); a retry after a commit that
         did happen writes nothing. If the store stays down the job is left running: once
         its heartbeat is stale it is re-queued and resumes from its checkpoint."""
-        left: Outcome | None = outcome
         for _ in range(_FINISH_TRIES - 1):
             time.sleep(self.settings.heartbeat_s)
-            left = self.lifecycle.finish(run, outcome)
-            if left is None:
+            if self.lifecycle.finish(run, outcome) is None:
                 self.done.set()
                 return
         self._lose(f"its outcome ({outcome.status}) could not be recorded")

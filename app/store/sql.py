@@ -75,8 +75,8 @@ class SqlReads:
         """Run one read query (the store's own connection handling and error mapping)."""
         raise NotImplementedError
 
-    def _count(self, where: str = "", params: Sequence[Any] = ()) -> int:
-        rows = self._rows(f"SELECT COUNT(*) AS n FROM {self.dialect.jobs} {where}", params)
+    def _count(self, table: str, where: str = "", params: Sequence[Any] = ()) -> int:
+        rows = self._rows(f"SELECT COUNT(*) AS n FROM {table} {where}", params)
         return int(rows[0]["n"])
 
     def _jobs(self, rows: Sequence[Row]) -> list[JobRecord]:
@@ -116,17 +116,18 @@ class SqlReads:
 
     def count_jobs(self, status: JobStatus | None = None) -> int:
         check_status(status)
+        d = self.dialect
         if status is None:
-            return self._count()
-        return self._count(f"WHERE status = {self.dialect.p}", (status,))
+            return self._count(d.jobs)
+        return self._count(d.jobs, f"WHERE status = {d.p}", (status,))
 
     def count_active(self) -> int:
         """Queued plus running jobs: what admission control compares with its limits."""
-        return self._count("WHERE status IN ('queued', 'running')")
+        return self._count(self.dialect.jobs, "WHERE status IN ('queued', 'running')")
 
     def count_queued(self) -> int:
         """Jobs waiting for a slot or a worker."""
-        return self._count("WHERE status = 'queued'")
+        return self._count(self.dialect.jobs, "WHERE status = 'queued'")
 
     def jobs_to_resume(self) -> list[JobRecord]:
         """Queued and running jobs, oldest first: the work a restarted service picks up."""
@@ -168,7 +169,7 @@ class SqlReads:
         return self._models(rows)
 
     def count_models(self) -> int:
-        return int(self._rows(f"SELECT COUNT(*) AS n FROM {self.dialect.models}")[0]["n"])
+        return self._count(self.dialect.models)
 
     def resolve_model(self, id_or_name: str) -> ModelRecord | None:
         """The model with this id, else the newest readable model with this name, else None."""
