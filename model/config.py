@@ -29,7 +29,7 @@ class TrainConfig:
     hidden_size: int = 256  # n_a
     seq_length: int = 64  # T: characters per truncated-BPTT chunk
     batch_size: int = 64  # B: parallel streams
-    learning_rate: float = 8e-3
+    learning_rate: float = 1e-2
     optimizer: str = "adam"  # sgd | adagrad | adam
     weight_decay: float = 0.02  # decoupled (AdamW-style) shrinkage per unit learning rate
     grad_clip: float = 5.0  # max global L2 norm of the gradient; 0 = no clipping
