@@ -3,8 +3,8 @@
     charnn serve [--host --port --data-dir --reload]
     charnn worker [--concurrency N --loglevel info]   (with CHARNN_BROKER_URL, CHARNN_DATABASE_URL)
     charnn check DATA_DIR [--repair]
-    charnn train CORPUS.txt --out model.npz [--hidden-size ... --max-steps ...]
-    charnn sample|predict|score model.npz ...
+    charnn train CORPUS.txt|--example --out model.npz [--fit --hidden-size ... --patience ...]
+    charnn sample|predict|score model.npz ...      (TEXT, @FILE or -f FILE)
     charnn remote train|jobs|predict|generate|score|models|download|upload ... [--url URL]
 
 Every failure a user can cause (a missing file, a bad flag value, an unreachable
@@ -45,19 +45,34 @@ def _add_hyperparameters(p: argparse.ArgumentParser) -> None:
     """The flags of the hyperparameters the HTTP API takes (model/config.py: SERVED)."""
     g = p.add_argument_group("hyperparameters (omitted: the measured defaults)")
     for h in SERVED:
+        nullable = h.default is None or h.name in NULLABLE
         g.add_argument(
             _flag(h.name),
             dest=h.name,
-            type=h.kind,
-            default=None,
+            type=_nullable(h.kind) if nullable else h.kind,
+            default=argparse.SUPPRESS,
             metavar=h.name.split("_")[0].upper() if h.kind is not str else None,
-            help=f"{h.help.replace('%', '%%')} (default {h.default})",
+            help=f"{h.help.replace('%', '%%')} (default {h.default}"
+            + ("; 'none' turns it off)" if nullable else ")"),
         )
     g.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
 
 
+# Hyperparameters that may be null ("none" on the command line), default or not.
+NULLABLE = frozenset({"max_steps", "time_limit_s", "patience"})
+
+
+def _nullable(kind: type[int] | type[float] | type[str]) -> Any:
+    def parse(text: str) -> Any:
+        return None if text.lower() in ("none", "null", "off") else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error message
+    return parse
+
+
 def _hyperparameters(args: argparse.Namespace) -> dict[str, Any]:
-    return {h.name: getattr(args, h.name) for h in SERVED if getattr(args, h.name) is not None}
+    given = vars(args)
+    return {h.name: given[h.name] for h in SERVED if h.name in given}
 
 
 def _read_text(path: str) -> str:
@@ -70,6 +85,79 @@ def _read_text(path: str) -> str:
         raise CliError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     except OSError as e:
         raise CliError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def _add_corpus(p: argparse.ArgumentParser) -> None:
+    p.add_argument("corpus", nargs="?", help="UTF-8 text file ('-': standard input)")
+    p.add_argument(
+        "--example",
+        action="store_true",
+        help="train on the shipped sample text (the opening of Hamlet, ~100k characters)",
+    )
+    p.add_argument(
+        "--fit",
+        action="store_true",
+        help="size the model and the run to the text (as the demo page does); flags given "
+        "still win",
+    )
+
+
+def _corpus(args: argparse.Namespace) -> str:
+    if args.example and args.corpus is not None:
+        raise CliError("give a corpus file or --example, not both")
+    if not args.example and args.corpus is None:
+        raise CliError("no corpus: give a UTF-8 text file ('-': standard input) or --example")
+    if args.example:
+        from model.sample import sample_text
+
+        return sample_text()
+    return _read_text(args.corpus)
+
+
+def _corpus_name(args: argparse.Namespace) -> str | None:
+    from model.sample import SAMPLE_NAME
+
+    if args.example:
+        return SAMPLE_NAME
+    return Path(args.corpus).stem if args.corpus != "-" else None
+
+
+def _fitted(args: argparse.Namespace, text: str) -> dict[str, Any]:
+    if not args.fit:
+        return {}
+    from model.presets import for_corpus
+
+    suggestion = for_corpus(len(text))
+    print(f"charnn: {suggestion.reason}", file=sys.stderr)
+    return dict(suggestion.hyperparameters)
+
+
+def _add_text(p: argparse.ArgumentParser, what: str) -> None:
+    """TEXT as an argument, or from a file: ``-f FILE`` or ``@FILE`` (curl's convention)."""
+    p.add_argument("text", nargs="?", help=f"{what}; @FILE reads it from a file, '-' from stdin")
+    p.add_argument("-f", "--file", help="read the text from a UTF-8 file ('-': standard input)")
+
+
+def _text(args: argparse.Namespace, *, required: bool = True) -> str:
+    if args.file is not None and args.text is not None:
+        raise CliError("give the text or -f FILE, not both")
+    if args.file is not None:
+        return _read_text(args.file)
+    if args.text is None:
+        if required:
+            raise CliError("no text: give it as an argument, @FILE, or -f FILE ('-': stdin)")
+        return ""
+    if args.text == "-":
+        return _read_text("-")
+    if args.text.startswith("@") and len(args.text) > 1:
+        return _read_text(args.text[1:])
+    if len(args.text) < 256 and Path(args.text).is_file():  # the old `score MODEL FILE`
+        print(
+            f"charnn: note: {args.text!r} is taken as the text itself; "
+            f"to read the file, use @{args.text} or -f {args.text}",
+            file=sys.stderr,
+        )
+    return str(args.text)
 
 
 def _show(ch: str) -> str:
@@ -112,6 +200,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.data_dir is not None:
         os.environ["CHARNN_DATA_DIR"] = str(args.data_dir)
     settings = _settings()
+    _check_port(args.host, args.port)  # before the data directory is made or opened
     _preflight(settings)
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     print(
@@ -140,6 +229,65 @@ def cmd_serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=settings.shutdown_timeout_s,
     )
     return 0
+
+
+def _port(text: str) -> int:
+    """A TCP port for argparse: 1-65535 (the kernel would wrap 73686 to 8150)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is out of range: use 1-65535")
+    return port
+
+
+def _bind(host: str, port: int) -> None:
+    """Bind and release ``host:port`` the way uvicorn will (SO_REUSEADDR), or raise OSError."""
+    import socket
+
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(address)
+
+
+def _check_port(host: str, port: int) -> None:
+    """One line for a port that cannot be listened on, naming a free one to try."""
+    import errno
+    import socket
+
+    try:
+        _bind(host, port)
+    except socket.gaierror:
+        raise CliError(f"cannot listen on {host!r}: not an address or known host name") from None
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            hint = next(
+                (f"; try --port {p}" for p in range(port + 1, port + 50) if _free(host, p)), ""
+            )
+            raise CliError(
+                f"port {port} on {host} is already in use (another server?){hint}"
+            ) from None
+        if e.errno == errno.EACCES:
+            raise CliError(
+                f"not allowed to listen on port {port} (below 1024 needs privileges); "
+                "try --port 8000"
+            ) from None
+        if e.errno == errno.EADDRNOTAVAIL:
+            raise CliError(f"cannot listen on {host}: not an address of this machine") from None
+        raise CliError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+def _free(host: str, port: int) -> bool:
+    if port > 65535:
+        return False
+    try:
+        _bind(host, port)
+    except OSError:
+        return False
+    return True
 
 
 def _preflight(settings: Any) -> None:
@@ -232,8 +380,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from model.params import flat_size
     from model.train import Trainer
 
-    text = _read_text(args.corpus)
-    overrides = _hyperparameters(args)
+    text = _corpus(args)
+    overrides = {**_fitted(args, text), **_hyperparameters(args)}
     if args.seed is not None:
         overrides["seed"] = args.seed
     config = TrainConfig.from_dict(overrides)  # ConfigError -> one line
@@ -265,11 +413,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     m = result.metrics
     n_params = flat_size(result.params.n_a, result.params.n_x)
     why = trainer.state.stop_reason
+    how = {
+        "stopped": "interrupted",
+        "early_stopping": "stopped early (validation loss no longer improving)",
+        "time_limit": "time limit reached",
+    }.get(why or "", "done")
     print(
-        f"{'interrupted' if why == 'stopped' else 'done'} after {m['steps']} steps "
-        f"({trainer.state.elapsed_s:.1f} s): train loss {m['train_loss']:.4f}, "
-        f"best val loss {_fmt(m.get('val_loss'))} (step {m['best_step']}) nats/char; "
-        f"{n_params:,} parameters, {len(result.vocab)} characters -> {out}"
+        f"{how} after {m['steps']} steps ({trainer.state.elapsed_s:.1f} s): train loss "
+        f"{m['train_loss']:.4f}, best val loss {_fmt(m.get('val_loss'))} nats/char at step "
+        f"{m['best_step']} (the model kept); {n_params:,} parameters, {len(result.vocab)} "
+        f"characters -> {out}"
     )
     return 0
 
@@ -315,16 +468,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     ckpt = _load(args.model)
     p, vocab = ckpt.params, ckpt.vocab
-    probs = next_distribution(
-        p, advance(p, initial_state(p), vocab.encode(args.text)), args.temperature
-    )
+    text = _text(args, required=False)
+    probs = next_distribution(p, advance(p, initial_state(p), vocab.encode(text)), args.temperature)
     order = sorted(range(len(probs)), key=lambda i: -probs[i])[: args.top_k]
     nxt = [(vocab.chars[i], float(probs[i])) for i in order]
     if args.json:
         print(
             json.dumps(
                 {
-                    "text": args.text,
+                    "text": text,
                     "next": [{"char": c, "prob": q} for c, q in nxt],
                     "entropy_bits": entropy_bits(probs),
                 }
@@ -339,7 +491,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     from model.inference import score, score_summary
 
     ckpt = _load(args.model)
-    text = _read_text(args.file)
+    text = _text(args)
     s = score_summary(score(ckpt.params, ckpt.vocab.encode(text)))
     print(
         f"{s.chars} characters: {s.mean_nats:.4f} nats/char, {s.bits_per_char:.4f} bits/char, "
@@ -360,15 +512,16 @@ def _client(args: argparse.Namespace) -> Any:
 def cmd_remote_train(args: argparse.Namespace) -> int:
     from .client import JobEvent
 
-    text = _read_text(args.corpus)
-    name = args.name or (Path(args.corpus).stem if args.corpus != "-" else None)
+    text = _corpus(args)
+    name = args.name or _corpus_name(args)
+    hp = {**_fitted(args, text), **_hyperparameters(args)}
     with _client(args) as client:
-        job = client.train(text, name=name, seed=args.seed, **_hyperparameters(args))
+        job = client.train(text, name=name, seed=args.seed, **hp)
         print(f"job {job.id} queued", file=sys.stderr)
         if not args.wait:
             print(job.id)
             return 0
-        total = _hyperparameters(args).get("max_steps", TrainConfig().max_steps)
+        total = hp.get("max_steps", TrainConfig().max_steps)
         bar = _progress_bar(total, "training") if not args.quiet else None
         val: float | None = None
 
@@ -388,7 +541,8 @@ def cmd_remote_train(args: argparse.Namespace) -> int:
         finally:
             if bar is not None:
                 bar.close()
-        print(f"job {done.id} succeeded: model {done.model_id}", file=sys.stderr)
+        note = f" ({done.note})" if done.note else ""
+        print(f"job {done.id} succeeded: model {done.model_id}{note}", file=sys.stderr)
         print(done.model_id)
     return 0
 
@@ -396,7 +550,10 @@ def cmd_remote_train(args: argparse.Namespace) -> int:
 def cmd_remote_predict(args: argparse.Namespace) -> int:
     with _client(args) as client:
         out = client.predict(
-            args.text, model=args.model, top_k=args.top_k, temperature=args.temperature
+            _text(args, required=False),
+            model=args.model,
+            top_k=args.top_k,
+            temperature=args.temperature,
         )
     if args.json:
         print(out.model_dump_json())
@@ -425,7 +582,7 @@ def cmd_remote_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_remote_score(args: argparse.Namespace) -> int:
-    text = _read_text(args.file)
+    text = _text(args)
     with _client(args) as client:
         s = client.score(text, model=args.model)
     print(
@@ -463,9 +620,11 @@ def cmd_remote_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_remote_download(args: argparse.Namespace) -> int:
-    out = Path(args.out or f"{args.model_id}.npz")
+    import re
+
+    out = Path(args.out or re.sub(r"[^\w.-]", "_", args.model) + ".npz")
     with _client(args) as client:
-        data = client.download(args.model_id)
+        data = client.download(args.model)
     from model.atomic import atomic_write_bytes
 
     atomic_write_bytes(out, data)
@@ -485,6 +644,16 @@ def cmd_remote_upload(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- parser
+
+
+class _Parser(argparse.ArgumentParser):
+    """A (sub)command's parser: no abbreviated options, and it knows itself, so that an
+    unknown option is reported with this command's usage, not the top level's."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+        self.set_defaults(parser=self)
 
 
 def _sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -514,14 +683,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="charnn",
         description="Train character-level RNN language models in numpy and serve them.",
+        allow_abbrev=False,  # `--hidden 16` must not quietly mean --hidden-size
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.set_defaults(parser=parser)
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
 
     p = sub.add_parser("serve", help="run the HTTP service (API, docs and demo page)")
     p.add_argument(
         "--host", default="127.0.0.1", help="interface (0.0.0.0: all; default 127.0.0.1)"
     )
-    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--port", type=_port, default=8000, help="TCP port, 1-65535 (default 8000)")
     p.add_argument(
         "--data-dir",
         type=Path,
@@ -563,7 +736,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("train", help="train a model on a text file, locally (no server)")
-    p.add_argument("corpus", help="UTF-8 text file ('-': standard input)")
+    _add_corpus(p)
     p.add_argument("--out", required=True, help="where to write the model (.npz)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_hyperparameters(p)
@@ -576,7 +749,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="next-character probabilities after a text")
     p.add_argument("model", help="model file (.npz)")
-    p.add_argument("text", help="the prefix (may be empty: '')")
+    _add_text(p, "the prefix (omitted or '': the empty one)")
     p.add_argument("--top-k", type=int, default=10, help="how many to show (default 10)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -584,14 +757,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("score", help="bits per character of a text under a model")
     p.add_argument("model", help="model file (.npz)")
-    p.add_argument("file", help="UTF-8 text file ('-': standard input)")
+    _add_text(p, "the text to score")
     p.set_defaults(func=cmd_score)
 
     remote = sub.add_parser("remote", help="the same against a running server")
-    rsub = remote.add_subparsers(dest="remote_command", required=True, metavar="COMMAND")
+    rsub = remote.add_subparsers(
+        dest="remote_command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
 
     p = rsub.add_parser("train", help="start a training job on the server")
-    p.add_argument("corpus", help="UTF-8 text file ('-': standard input)")
+    _add_corpus(p)
     p.add_argument("--name", help="model name (default: the file name)")
     p.add_argument("--wait", action="store_true", help="follow the job with a progress bar")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -606,7 +781,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_remote_jobs)
 
     p = rsub.add_parser("predict", help="next-character probabilities after a text")
-    p.add_argument("text", help="the prefix (may be empty: '')")
+    _add_text(p, "the prefix (omitted or '': the empty one)")
     p.add_argument("--model", help="id or name (default: the newest model)")
     p.add_argument("--top-k", type=int, default=10, help="how many to show (default 10)")
     p.add_argument("--temperature", type=float, default=1.0)
@@ -621,7 +796,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_remote_generate)
 
     p = rsub.add_parser("score", help="bits per character of a text")
-    p.add_argument("file", help="UTF-8 text file ('-': standard input)")
+    _add_text(p, "the text to score")
     p.add_argument("--model", help="id or name (default: the newest model)")
     _remote_flags(p)
     p.set_defaults(func=cmd_remote_score)
@@ -633,8 +808,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_remote_models)
 
     p = rsub.add_parser("download", help="save a model's checkpoint (.npz)")
-    p.add_argument("model_id")
-    p.add_argument("--out", help="file to write (default: <model_id>.npz)")
+    p.add_argument("model", help="id or name (a name: the newest model with it)")
+    p.add_argument("--out", help="file to write (default: <model>.npz)")
     _remote_flags(p)
     p.set_defaults(func=cmd_remote_download)
 
@@ -647,7 +822,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # argparse would blame the top level; the command that was typed says more
+        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     from model.errors import ModelError
 
     from .client import ApiError

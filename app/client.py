@@ -58,7 +58,7 @@ from httpx_sse import EventSource, ServerSentEvent, SSEError
 from pydantic import BaseModel
 
 from .domain import DEFAULT_URL, TERMINAL_STATUSES, JobStatus
-from .jobs.schemas import JobList, JobOut, MetricsOut
+from .jobs.schemas import HyperparametersInfo, JobList, JobOut, MetricsOut
 from .serving.schemas import GenerateOut, ModelList, ModelOut, PredictOut, ScoreOut
 
 __all__ = [
@@ -261,6 +261,7 @@ def _generate(
     seed: int | None,
     stop: Sequence[str],
     stream: bool,
+    include_prompt: bool = False,
 ) -> _Call[GenerateOut]:
     if isinstance(stop, str):  # a lone string would be sent as a list of its characters
         stop = [stop]
@@ -274,6 +275,7 @@ def _generate(
         seed=seed,
         stop=list(stop),
         stream=stream,
+        include_prompt=include_prompt or None,
     )
     # Pure compute, the same text again given a seed (unseeded: another sample, just as
     # good). Streamed, it is not repeated by _run: the stream may have started.
@@ -288,6 +290,13 @@ def _score(text: str, model: str | None) -> _Call[ScoreOut]:
 def _models(limit: int, offset: int) -> _Call[ModelList]:
     params = {"limit": limit, "offset": offset}
     return _Call("GET", "/models", _as(ModelList), params=params, retry_safe=True)
+
+
+def _hyperparameters(corpus_chars: int | None) -> _Call[HyperparametersInfo]:
+    params = {"corpus_chars": corpus_chars} if corpus_chars is not None else None
+    return _Call(
+        "GET", "/hyperparameters", _as(HyperparametersInfo), params=params, retry_safe=True
+    )
 
 
 def _model(model_id: str) -> _Call[ModelOut]:
@@ -545,13 +554,16 @@ class Client(_Base):
         top_p: float | None = None,
         seed: int | None = None,
         stop: Sequence[str] = (),
+        include_prompt: bool = False,
     ) -> GenerateOut:
-        """Sampled text after ``prompt`` (the prompt itself is not repeated).
+        """Sampled text after ``prompt`` (with ``include_prompt``, the prompt first).
 
         Sent again if its connection was found dead (see the module's docstring): with a
         ``seed`` that answers the same text; without one, maybe another sample.
         """
-        call = _generate(prompt, model, max_chars, temperature, top_k, top_p, seed, stop, False)
+        call = _generate(
+            prompt, model, max_chars, temperature, top_k, top_p, seed, stop, False, include_prompt
+        )
         return self._run(call)
 
     def stream_generate(
@@ -565,9 +577,12 @@ class Client(_Base):
         top_p: float | None = None,
         seed: int | None = None,
         stop: Sequence[str] = (),
+        include_prompt: bool = False,
     ) -> Iterator[str]:
         """``generate`` as it is sampled: text pieces that join to the same text."""
-        call = _generate(prompt, model, max_chars, temperature, top_k, top_p, seed, stop, True)
+        call = _generate(
+            prompt, model, max_chars, temperature, top_k, top_p, seed, stop, True, include_prompt
+        )
         done = False
         for text, done in self._stream(call, _chunk):
             if text:
@@ -583,14 +598,20 @@ class Client(_Base):
     def models(self, *, limit: int = 50, offset: int = 0) -> ModelList:
         return self._run(_models(limit, offset))
 
+    def hyperparameters(self, corpus_chars: int | None = None) -> HyperparametersInfo:
+        """Every hyperparameter with its default and the server's bounds; with
+        ``corpus_chars``, settings sized to a text that long (``suggested``)."""
+        return self._run(_hyperparameters(corpus_chars))
+
     def model(self, model_id: str) -> ModelOut:
+        """One model by id or name (a name: the newest model with it)."""
         return self._run(_model(model_id))
 
     def delete_model(self, model_id: str) -> None:
         self._run(_delete_model(model_id))
 
     def download(self, model_id: str, path: str | os.PathLike[str] | None = None) -> bytes:
-        """The model's ``.npz`` checkpoint; also written to ``path`` when one is given."""
+        """The ``.npz`` checkpoint of a model by id or name; also written to ``path``."""
         data = self._run(_download(model_id))
         if path is not None:
             Path(path).write_bytes(data)
@@ -776,8 +797,11 @@ class AsyncClient(_Base):
         top_p: float | None = None,
         seed: int | None = None,
         stop: Sequence[str] = (),
+        include_prompt: bool = False,
     ) -> GenerateOut:
-        call = _generate(prompt, model, max_chars, temperature, top_k, top_p, seed, stop, False)
+        call = _generate(
+            prompt, model, max_chars, temperature, top_k, top_p, seed, stop, False, include_prompt
+        )
         return await self._run(call)
 
     async def stream_generate(
@@ -791,8 +815,11 @@ class AsyncClient(_Base):
         top_p: float | None = None,
         seed: int | None = None,
         stop: Sequence[str] = (),
+        include_prompt: bool = False,
     ) -> AsyncIterator[str]:
-        call = _generate(prompt, model, max_chars, temperature, top_k, top_p, seed, stop, True)
+        call = _generate(
+            prompt, model, max_chars, temperature, top_k, top_p, seed, stop, True, include_prompt
+        )
         events = self._stream(call, _chunk)
         async with contextlib.aclosing(events):
             async for text, done in events:
@@ -807,6 +834,9 @@ class AsyncClient(_Base):
 
     async def models(self, *, limit: int = 50, offset: int = 0) -> ModelList:
         return await self._run(_models(limit, offset))
+
+    async def hyperparameters(self, corpus_chars: int | None = None) -> HyperparametersInfo:
+        return await self._run(_hyperparameters(corpus_chars))
 
     async def model(self, model_id: str) -> ModelOut:
         return await self._run(_model(model_id))

@@ -22,7 +22,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from threadpoolctl import threadpool_limits
 
-from .api import demo, health, jobs, models
+from .api import demo, health, hyperparameters, jobs, models
 from .api.deps import AppState
 from .api.limits import BodyLimitMiddleware
 from .api.openapi import install_openapi
@@ -119,6 +119,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(SecurityHeadersMiddleware)
     app.include_router(health.router)
     app.include_router(jobs.router)
+    app.include_router(hyperparameters.router)
     app.include_router(models.router)
     demo.mount(app)
     install_openapi(app, [JobCreate, PredictIn, GenerateIn, ScoreIn])

@@ -37,7 +37,7 @@ class TrainConfig:
     time_limit_s: float | None = None  # wall-clock budget for training, evals included
     val_fraction: float = 0.1  # tail of the corpus held out for validation
     eval_every: int = 200  # steps between validation losses
-    patience: int | None = None  # stop after this many evals without improvement
+    patience: int | None = 5  # stop after this many evals without improvement (None: never)
     lr_final: float = 0.01  # cosine decay of the learning rate to this fraction of it
     dtype: str = "float32"  # float32 | float64
     seed: int = 0
@@ -122,13 +122,24 @@ SERVED: tuple[Hyperparameter, ...] = (
     Hyperparameter("hidden_size", "n_a, hidden units", ge=1, le=4096),
     Hyperparameter("seq_length", "T, chars per BPTT chunk", ge=1, le=4096),
     Hyperparameter("batch_size", "B, parallel streams", ge=1, le=4096),
-    Hyperparameter("learning_rate", "peak step size; cosine decay to 1 %", gt=0, le=10),
+    Hyperparameter("learning_rate", "peak step size (cosine decay to lr_final of it)", gt=0, le=10),
+    Hyperparameter(
+        "lr_final", "the last step's learning rate, as a fraction of the peak", gt=0, le=1
+    ),
     Hyperparameter("optimizer", "update rule", choices=OPTIMIZER_NAMES),
+    Hyperparameter("weight_decay", "decoupled shrinkage per unit learning rate", ge=0, le=10),
     Hyperparameter("grad_clip", "0 = no clipping", ge=0, le=1e6),
     Hyperparameter("max_steps", "stop after this many steps (null: time only)", ge=1, le=10**9),
     Hyperparameter("time_limit_s", "wall-clock budget, s", gt=0, le=10**7),
     Hyperparameter("val_fraction", "tail held out for validation", ge=0, lt=1),
     Hyperparameter("eval_every", "steps between validation losses", ge=1, le=10**9),
+    Hyperparameter(
+        "patience",
+        "stop after this many evaluations without a better validation loss (null: never)",
+        ge=1,
+        le=10**6,
+    ),
+    Hyperparameter("log_every", "steps between progress events", ge=1, le=10**9),
     Hyperparameter("dtype", "precision of weights and math", choices=DTYPE_NAMES),
 )
 HYPERPARAMETERS: dict[str, Hyperparameter] = {h.name: h for h in SERVED}

@@ -24,17 +24,29 @@ def split(ids: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]
     return ids[:n_train], ids[n_train:]
 
 
-def check_trainable(n_chars: int, n_distinct: int, seq_length: int) -> None:
+def check_trainable(n_chars: int, n_distinct: int, seq_length: int, val_chars: int = 0) -> None:
+    """Refuse a corpus no chunk can be cut from, saying what to change."""
     if n_chars == 0:
-        raise CorpusError("the corpus is empty")
+        raise CorpusError("the corpus is empty: give some text")
     if n_distinct < 2:
         raise CorpusError(
-            "the corpus has only one distinct character; at least 2 are needed to learn anything"
+            "the corpus has only one distinct character; give a text with at least 2 "
+            "different characters"
         )
     if n_chars < seq_length + 1:
+        held = (
+            f", or lower val_fraction ({val_chars} characters are held out for validation)"
+            if val_chars
+            else ""
+        )
+        fix = (
+            f"lower seq_length to at most {n_chars - 1}{held}, or give more text"
+            if n_chars >= 2
+            else f"give more text{held}"
+        )
         raise CorpusError(
-            f"the training part of the corpus has {n_chars} characters; at least "
-            f"seq_length + 1 = {seq_length + 1} are needed for one training chunk"
+            f"the training part of the corpus has {n_chars} characters, too few for one "
+            f"chunk of seq_length + 1 = {seq_length + 1}: {fix}"
         )
 
 

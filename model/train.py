@@ -154,7 +154,7 @@ class Trainer:
         ids = vocab.encode(text)
         data.check_trainable(len(ids), len(vocab), 1)
         self.train_ids, self.val_ids = data.split(ids, config.val_fraction)
-        data.check_trainable(len(self.train_ids), len(vocab), config.seq_length)
+        data.check_trainable(len(self.train_ids), len(vocab), config.seq_length, len(self.val_ids))
         self.streams = data.Streams.fit(
             self.train_ids, config.seq_length, config.batch_size, config.seed
         )

@@ -109,7 +109,7 @@ def test_train_writes_a_model_that_predicts_samples_and_scores(
 
     text = tmp_path / "t.txt"
     text.write_text("abcdabcd", encoding="utf-8")
-    r = charnn("score", str(trained), str(text))
+    r = charnn("score", str(trained), f"@{text}")
     assert r.returncode == 0 and r.stdout.startswith("8 characters:") and "bits/char" in r.stdout
     assert charnn("score", str(trained), "-", stdin="abcd").stdout.startswith("4 characters:")
 
@@ -132,7 +132,7 @@ def test_errors_are_one_line_and_exit_1(trained: Path, tmp_path: Path) -> None:
     one_line_error(charnn("predict", str(junk), "a"))
     binary = tmp_path / "bin.txt"
     binary.write_bytes(b"\xff\xfe\x00abc")
-    assert "not UTF-8" in one_line_error(charnn("score", str(trained), str(binary)))
+    assert "not UTF-8" in one_line_error(charnn("score", str(trained), "-f", str(binary)))
     unreachable = charnn("remote", "models", "--url", "http://127.0.0.1:9")
     assert "127.0.0.1:9" in one_line_error(unreachable)
     bad_env = charnn("serve", env={"CHARNN_MAX_QUEUED_JOBS": "-1"})
@@ -211,3 +211,89 @@ def test_ctrl_c_stops_training_and_still_saves_the_best_model(tmp_path: Path) ->
     assert proc.returncode == 0
     assert stdout.decode().startswith("interrupted after") and str(out) in stdout.decode()
     assert load_model(out).vocab.chars == ("a", "b", "c", "d")
+
+
+@pytest.mark.slow  # over a second: the full suite runs it
+def test_usage_errors_name_the_command_and_abbreviations_are_refused(tmp_path: Path) -> None:
+    r = charnn("train", "c.txt", "--hidden", "16", "--out", "m.npz")
+    assert r.returncode == 2 and r.stderr.startswith("usage: charnn train"), r.stderr
+    assert "charnn train: error: unrecognized arguments: --hidden 16" in r.stderr
+    r = charnn("remote", "score", "abc", "--modle", "x")
+    assert r.returncode == 2 and r.stderr.startswith("usage: charnn remote score"), r.stderr
+    assert "unrecognized arguments: --modle x" in r.stderr
+    r = charnn("predict", "m.npz", "ab", "--top", "3")  # --top-k, abbreviated
+    assert r.returncode == 2 and "unrecognized arguments: --top 3" in r.stderr
+    for port, why in (
+        ("73686", "out of range: use 1-65535"),
+        ("0", "out of range"),
+        ("http", "'http' is not a port number"),
+    ):
+        r = charnn("serve", "--port", port, "--data-dir", str(tmp_path / "d"))
+        assert r.returncode == 2 and why in r.stderr, (port, r.stderr)
+        assert r.stderr.startswith("usage: charnn serve")
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.slow  # over a second: the full suite runs it
+def test_serve_names_a_busy_port_before_touching_the_data_dir(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = charnn("serve", "--port", str(port), "--data-dir", str(tmp_path / "d"))
+    line = one_line_error(r)
+    assert f"port {port} on 127.0.0.1 is already in use" in line and "try --port " in line
+    suggested = int(line.rsplit("--port ", 1)[1])
+    assert suggested != port and 1 <= suggested <= 65535
+    assert "serving on" not in r.stderr and not (tmp_path / "d").exists()
+    r = charnn("serve", "--host", "no-such-host.invalid", "--port", "8000")
+    assert "not an address or known host name" in one_line_error(r)
+
+
+@pytest.mark.slow  # over a second: the full suite runs it
+def test_text_arguments_and_files_alike(trained: Path, tmp_path: Path) -> None:
+    text = tmp_path / "t.txt"
+    text.write_text("abcdabcd", encoding="utf-8")
+    for args in (["abcdabcd"], [f"@{text}"], ["-f", str(text)], ["--file", str(text)]):
+        r = charnn("score", str(trained), *args)
+        assert r.returncode == 0 and r.stdout.startswith("8 characters:"), (args, r.stderr)
+    assert charnn("score", str(trained), "-f", "-", stdin="abcd").stdout.startswith("4 characters")
+    assert "not both" in one_line_error(charnn("score", str(trained), "ab", "-f", str(text)))
+    assert "no text" in one_line_error(charnn("score", str(trained)))
+    # the old form, `score MODEL FILE`: the name is scored as text, and a note says how to
+    # read the file instead
+    (tmp_path / "abcd").write_text("dcba", encoding="utf-8")
+    r = subprocess.run(
+        [str(CHARNN), "score", str(trained), "abcd"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert r.returncode == 0 and r.stdout.startswith("4 characters:")
+    assert "'abcd' is taken as the text itself" in r.stderr and "@abcd" in r.stderr
+    out = json.loads(charnn("predict", str(trained), f"@{text}", "--json").stdout)
+    assert out["text"] == "abcdabcd"
+    assert json.loads(charnn("predict", str(trained), "--json").stdout)["text"] == ""
+
+
+@pytest.mark.slow  # over a second: the full suite runs it
+def test_train_on_the_shipped_example_fitted_to_it(tmp_path: Path) -> None:
+    out = tmp_path / "h.npz"
+    r = charnn(
+        "train",
+        "--example",
+        "--fit",
+        "--max-steps",
+        "30",
+        "--patience",
+        "none",
+        "--out",
+        str(out),
+        "--quiet",
+    )
+    assert r.returncode == 0, r.stderr
+    assert "101,185 characters: H=192" in r.stderr  # what --fit chose, said once
+    assert "done after 30 steps" in r.stdout
+    ckpt = load_model(out)
+    assert ckpt.params.n_a == 192 and ckpt.hyperparameters["patience"] is None
+    assert "not both" in one_line_error(charnn("train", "x.txt", "--example", "--out", "m.npz"))
+    assert "--example" in one_line_error(charnn("train", "--out", "m.npz"))

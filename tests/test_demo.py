@@ -251,6 +251,22 @@ def expect_bars_for(page: Page, url: str, model_id: str, text: str) -> list[tupl
     return got
 
 
+def assert_absolute_heights(page: Page) -> None:
+    """Each bar's fill is its probability of the bar's full height (0-100 %), not of the
+    top bar's: ten 2 % bars must look like 2 %, not like certainty."""
+    page.wait_for_timeout(300)  # the fill's height transition (120 ms)
+    found: list[list[float]] = page.eval_on_selector_all(
+        "#predict-bars .bar",
+        """bars => bars.map(b => [Number(b.dataset.prob),
+            b.querySelector('.fill').getBoundingClientRect().height,
+            b.querySelector('.track').getBoundingClientRect().height])""",
+    )
+    assert found
+    for prob, fill, track in found:
+        assert track > 50, f"the bars' track is {track}px tall"
+        assert abs(fill / track - prob) <= 0.02 + 2 / track, (prob, fill, track)
+
+
 def select_model(page: Page, model_id: str) -> None:
     page.click("#models-refresh")
     expect(page.locator(f'#model-select option[value="{model_id}"]')).to_have_count(1)
@@ -296,6 +312,147 @@ def test_page_loads_self_contained(server: Served, ui: Ui) -> None:
     assert len(xs) == 1, f"sections not stacked in one column on a phone: x = {xs}"
     ui.shot("phone")
     ui.assert_clean()
+
+
+def suggested(url: str, chars: int) -> dict[str, Any]:
+    r = httpx.get(url + "/hyperparameters", params={"corpus_chars": chars}, timeout=30)
+    assert r.status_code == 200, r.text
+    out: dict[str, Any] = r.json()
+    return out
+
+
+def test_settings_follow_the_texts_size(server: Served, ui: Ui) -> None:
+    page = ui.page
+    ui.open(server.url)
+    expect(page.locator("#preset")).to_have_value("auto")
+    expect(page.locator("#preset-reason")).to_contain_text("Paste or pick a text")
+    page.fill("#corpus", FOX)
+    info = page.locator("#corpus-info")
+    expect(info).to_have_text(f"{len(FOX):,} characters, {len(set(FOX))} distinct")
+    small = suggested(server.url, len(FOX))
+    for name, value in small["suggested"].items():
+        expect(page.locator(f"#hp-{name}")).to_have_value(str(value))
+    expect(page.locator("#preset-reason")).to_contain_text(f"{len(FOX):,} characters")
+    ui.shot("small-text")
+
+    bigger = FOX * 30  # another tier: a bigger model, more steps
+    page.fill("#corpus", bigger)
+    expect(info).to_contain_text(f"{len(bigger):,} characters")
+    large = suggested(server.url, len(bigger))["suggested"]
+    assert large["hidden_size"] > small["suggested"]["hidden_size"]
+    expect(page.locator("#hp-hidden_size")).to_have_value(str(large["hidden_size"]))
+    expect(page.locator("#hp-max_steps")).to_have_value(str(large["max_steps"]))
+
+    # Edited by hand, the fields stay as edited when the text changes.
+    page.fill("#hp-max_steps", "77")
+    expect(page.locator("#preset")).to_have_value("custom")
+    page.fill("#corpus", FOX)
+    expect(info).to_contain_text(f"{len(FOX):,} characters")
+    page.wait_for_timeout(600)  # longer than the page waits before asking the server
+    expect(page.locator("#hp-max_steps")).to_have_value("77")
+    page.select_option("#preset", "tiny")
+    expect(page.locator("#hp-max_steps")).to_have_value("300")
+    page.select_option("#preset", "full")
+    expect(page.locator("#hp-hidden_size")).to_have_value("")  # the server's default
+    ui.assert_clean()
+
+
+def random_text(n: int, seed: int = 3) -> str:
+    """Letters with no pattern to learn: validation can only get worse once the model
+    memorises the training part, so a short run overfits for sure."""
+    import random
+
+    rng = random.Random(seed)
+    return "".join(rng.choice("abcdefgh") for _ in range(n))
+
+
+def test_training_says_what_happened(server: Served, ui: Ui) -> None:
+    """The chart is in view while training (1280x800), overfitting is marked where it
+    starts, the status ends in plain words, and on a phone the chart stays readable."""
+    page = ui.page
+    page.set_viewport_size({"width": 1280, "height": 800})
+    ui.open(server.url)
+    page.fill("#corpus", random_text(3000))
+    hp = {"hidden_size": "128", "seq_length": "32", "batch_size": "8", "learning_rate": "0.01"}
+    hp |= {"max_steps": "3000", "eval_every": "10", "patience": "4"}
+    for name, value in hp.items():
+        page.fill(f"#hp-{name}", value)
+    page.fill("#model-name", "demo-overfit")
+    page.click("#train-start")
+    page.wait_for_function("() => document.querySelector('#train-progress').value > 0")
+    box = page.locator("#loss-chart").bounding_box()
+    assert box is not None and box["y"] >= 0 and box["y"] + box["height"] <= 800, box
+    status = page.locator("#train-status")
+    expect(status).to_contain_text("succeeded", timeout=TRAIN_TIMEOUT)
+    expect(status).to_contain_text("stopped early at step")
+    expect(status).to_contain_text("was kept")
+    job = httpx.get(server.url + "/jobs", params={"limit": 1}, timeout=30).json()["items"][0]
+    assert job["note"].startswith("stopped early at step"), job
+    best = job["metrics"]["best_step"]
+    assert best is not None and job["progress"]["step"] > best
+    chart = page.locator("#loss-chart")
+    expect(chart).to_have_attribute("data-best-step", str(best))
+    expect(chart.locator("text.best-label")).to_contain_text(f"best at step {best}")
+    ticks = [t.strip() for t in chart.locator("text.ytick").all_text_contents()]
+    decimals = {len(t.partition(".")[2]) for t in ticks}
+    assert len(decimals) == 1 and max(decimals) <= 2, f"y ticks not round: {ticks}"
+    ui.shot("overfit")
+
+    # A phone: the chart is redrawn at the screen's width, its text in CSS pixels.
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.wait_for_function(
+        "() => Number(document.querySelector('#loss-chart').getAttribute('width')) < 390"
+    )
+    heights = page.eval_on_selector_all(
+        "#loss-chart text.tick", "ts => ts.map(t => t.getBoundingClientRect().height)"
+    )
+    assert heights and min(heights) >= 11, f"chart text {heights}px tall on a phone"
+    ui.shot("phone")
+    expect(chart.locator("text.best-label")).to_have_text(f"best: step {best}")  # fits
+    legend = page.locator("#train-live .legend").bounding_box()
+    assert legend is not None and legend["height"] < 40, f"the legend wraps: {legend}"
+    select = page.locator("#model-select").bounding_box()
+    assert select is not None and select["x"] + select["width"] <= 390, select
+    overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 0, f"the page is {overflow}px wider than a phone screen"
+    ui.assert_clean()
+
+
+def test_reload_follows_the_running_job(server: Served, ui: Ui) -> None:
+    page = ui.page
+    body = {
+        "corpus": ABCD,
+        "name": "demo-long",
+        "hyperparameters": {
+            "hidden_size": 16,
+            "seq_length": 16,
+            "batch_size": 8,
+            "max_steps": 1_000_000,
+            "eval_every": 500,
+            "patience": None,  # until cancelled
+        },
+    }
+    r = httpx.post(server.url + "/jobs", json=body, timeout=30)
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    try:
+        ui.open(server.url)
+        status = page.locator("#train-status")
+        expect(status).to_contain_text("running")
+        expect(page.locator("#train-cancel")).to_be_enabled()
+        expect(page.locator("#loss-chart")).to_have_attribute(
+            "data-train-points", re.compile(r"^[1-9]\d*$")
+        )
+        # No ETA from a few steps of a million: it says it is estimating instead.
+        expect(status).to_contain_text("estimating the time left")
+        expect(page.locator(f'#job-list button[data-job="{job_id}"]')).to_contain_text("demo-long")
+        ui.shot("reattached")
+        page.click("#train-cancel")
+        expect(status).to_contain_text("cancelled", timeout=TRAIN_TIMEOUT)
+    finally:
+        httpx.post(f"{server.url}/jobs/{job_id}/cancel", timeout=30)
+    ui.assert_clean()
+    page.close()
 
 
 def test_train_from_pasted_text(server: Served, ui: Ui) -> None:
@@ -372,6 +529,7 @@ def test_predict_bars(server: Served, ui: Ui, abcd_model: str, fox_model: str) -
     got = expect_bars_for(page, server.url, abcd_model, "abcdab")
     assert len(got) == 4  # the whole vocabulary: fewer than ten characters
     assert got[0][0] == "c" and got[0][1] > 0.9, got
+    assert_absolute_heights(page)
     ui.shot("abcd")
 
     select_model(page, fox_model)
@@ -379,6 +537,7 @@ def test_predict_bars(server: Served, ui: Ui, abcd_model: str, fox_model: str) -
     retype(page, "#predict-text", prefix)
     got = expect_bars_for(page, server.url, fox_model, prefix)
     assert len(got) == 10 and got[0][0] == "g", got
+    assert_absolute_heights(page)
     ui.shot("fox")
     page.locator("#predict-bars .bar").first.click()
     expect_bars_for(page, server.url, fox_model, prefix + "g")
@@ -405,13 +564,18 @@ def test_generate_with_seed(server: Served, ui: Ui, fox_model: str) -> None:
         expect(page.locator("#gen-error")).to_be_hidden()
         outputs.append(page.locator("#gen-output").text_content() or "")
         ui.shot(f"run{run}")
-    assert len(outputs[0]) == 40, outputs
     assert outputs[0] == outputs[1], "the same seed generated different text"
+    # The prompt stays in the text, set apart; the status says in words why it stopped.
+    expect(page.locator("#gen-output .prompt")).to_have_text(prompt)
+    expect(page.locator("#gen-status")).to_have_text(
+        "done: stopped at 40 characters, the length asked for"
+    )
 
     body = {"model": fox_model, "prompt": prompt, "max_chars": 40, "temperature": 0.85, "seed": 7}
     r = httpx.post(server.url + "/generate", json=body, timeout=30)
     assert r.status_code == 200, r.text
-    assert outputs[0] == r.json()["text"], "the page and the API generated different text"
+    assert len(r.json()["text"]) == 40
+    assert outputs[0] == prompt + r.json()["text"], "the page and the API generated different text"
     assert any(r.url.endswith("/generate") and r.method == "POST" for r in ui.requests)
     ui.assert_clean()
 
@@ -452,6 +616,7 @@ def test_api_key(tmp_path: Path, ui: Ui) -> None:
         page.fill("#corpus", ABCD)
         page.select_option("#preset", "tiny")
         page.fill("#hp-max_steps", "1000000")  # long enough to cancel it while it runs
+        page.fill("#hp-patience", "1000000")  # and no early stop
         page.fill("#hp-eval_every", "50")
         page.click("#train-start")
         error = page.locator("#train-error")

@@ -28,6 +28,7 @@ OPERATIONS = [
     "GET /healthz",
     "GET /readyz",
     "POST /jobs",
+    "GET /hyperparameters",
     "GET /jobs",
     "GET /jobs/{job_id}",
     "DELETE /jobs/{job_id}",

@@ -5,6 +5,7 @@ Copy-paste rot is a bug: when a README command changes, this file notices.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 
 from app.jobs.schemas import Hyperparameters
 from app.settings import Settings
+from model.sample import sample_text
 
 from .conftest import ROOT, Served
 
@@ -118,24 +120,46 @@ def run_block(block: str, cwd: Path, env: dict[str, str]) -> subprocess.Complete
 def test_readme_walkthrough_cli_and_remote_blocks_run(
     charnn_server: Served, tmp_path: Path
 ) -> None:
-    (tmp_path / "corpus.txt").write_text(CORPUS, encoding="utf-8")
+    # The walkthrough starts from the repository root, copying the shipped sample: here
+    # the temporary directory stands in for it, with only the package's corpora folder.
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "corpora").symlink_to(ROOT / "model" / "corpora")
 
     walkthrough = block_with("URL=http://127.0.0.1:8000")
     walkthrough = walkthrough.replace("URL=http://127.0.0.1:8000", f"URL={charnn_server.url}", 1)
     r = run_block(walkthrough, tmp_path, {})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert '"status":"succeeded"' in r.stdout.replace(" ", "") and '"next":' in r.stdout
+    assert "101,185 characters: H=192" in r.stdout  # the suggestion for the sample
+    # curl's answers are not newline-terminated: find /generate's among them
+    found = re.findall(r'"text":("(?:[^"\\]|\\.)*"),"finish_reason"', r.stdout)
+    assert len(found) == 1, r.stdout[-2000:]
+    generated = json.loads(found[0])
+    assert generated.startswith("the ") and len(generated) == 4 + 200  # with include_prompt
     assert (tmp_path / "demo.npz").stat().st_size > 1000
+    assert (tmp_path / "corpus.txt").read_text(encoding="utf-8") == sample_text()
 
     local = run_block(block_with("charnn train corpus.txt"), tmp_path, {})
     assert local.returncode == 0, local.stderr[-2000:]
     assert "done after 300 steps" in local.stdout and "bits/char" in local.stdout
+    assert (tmp_path / "hamlet.npz").exists() and "at step" in local.stdout
 
     remote = run_block(
         block_with("charnn remote train"), tmp_path, {"CHARNN_URL": charnn_server.url}
     )
     assert remote.returncode == 0, remote.stderr[-2000:]
     assert "entropy" in remote.stdout and "demo" in remote.stdout
+    assert "101185 characters:" in remote.stdout  # remote score @corpus.txt read the file
+    assert (tmp_path / "demo-copy.npz").stat().st_size > 1000  # remote download by name
+
+
+def test_readme_needs_nothing_beside_the_checkout() -> None:
+    """Every example but the benchmarks' runs in a fresh clone: none reads ../shared."""
+    benchmarks = README.index("## Benchmarks")
+    end = README.index("\n## ", benchmarks + 1)
+    outside = README[:benchmarks] + README[end:]
+    blocks = re.findall(r"```\w*\n(.*?)```", outside, flags=re.S)
+    assert blocks and not [b for b in blocks if "shared/" in b], "a README example needs ../shared"
 
 
 @pytest.mark.slow

@@ -34,7 +34,7 @@ PG_URL = os.environ.get("CHARNN_TEST_POSTGRES_URL", "postgresql://postgres@127.0
 REDIS_URL = os.environ.get("CHARNN_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 CORPUS = "the quick brown fox jumps over the lazy dog.\n" * 60
 TINY = {"hidden_size": 16, "seq_length": 16, "batch_size": 4, "eval_every": 50, "max_steps": 200}
-LONG = {**TINY, "max_steps": 1_000_000, "eval_every": 100_000}  # runs until cancelled
+LONG = {**TINY, "max_steps": 1_000_000, "eval_every": 100_000, "patience": None}  # until cancelled
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 

@@ -20,7 +20,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
-from app.api import health, jobs, models
+from app.api import health, hyperparameters, jobs, models
 from app.api.deps import require_api_key
 from app.main import create_app
 from model.checkpoint import ModelCheckpoint, model_to_bytes
@@ -72,7 +72,12 @@ def test_every_operation_is_classified_and_every_mutation_is_guarded(tmp_path: P
     assert not unclassified, f"classify these in MUTATING or OPEN_COMPUTE: {sorted(unclassified)}"
     assert MUTATING | OPEN_COMPUTE <= ops, "a classified operation no longer exists"
     # The routers' own routes (FastAPI wraps included routers; these are the originals).
-    routes = [r for m in (jobs, models, health) for r in m.router.routes if isinstance(r, APIRoute)]
+    routes = [
+        r
+        for m in (jobs, models, health, hyperparameters)
+        for r in m.router.routes
+        if isinstance(r, APIRoute)
+    ]
     assert {(meth, r.path) for r in routes for meth in r.methods or ()} == ops
     guarded = {
         (method, r.path)

@@ -89,7 +89,8 @@ def list_models(
 
 @router.get("/models/{model_id}", responses=errors(404, 503))
 def get_model(model_id: str, state: StateDep) -> ModelOut:
-    """One model: name, vocabulary in index order, hyperparameters, losses, size."""
+    """One model, by id or name (a name means the newest model with it): name,
+    vocabulary in index order, hyperparameters, losses, size."""
     return state.models.get(model_id)
 
 
@@ -100,7 +101,8 @@ def get_model(model_id: str, state: StateDep) -> ModelOut:
     responses=errors(401, 404, 503),
 )
 def delete_model(model_id: str, state: StateDep) -> Response:
-    """Delete a model and its checkpoint."""
+    """Delete a model and its checkpoint, by id only (a name could have come to mean
+    another model)."""
     state.models.delete(model_id)
     return Response(status_code=204)
 
@@ -114,9 +116,13 @@ def delete_model(model_id: str, state: StateDep) -> Response:
     },
 )
 def download_checkpoint(model_id: str, state: StateDep) -> Response:
-    """The model's .npz: arrays Wax, Waa, Wya, ba, by and a JSON meta string."""
-    data = state.models.checkpoint(model_id)
-    headers = {"Content-Disposition": f'attachment; filename="{model_id}.npz"'}
+    """The .npz of a model, by id or name: arrays Wax, Waa, Wya, ba, by and a JSON meta
+    string. ``X-Model-Id`` says which model a name meant."""
+    model_id, data = state.models.checkpoint(model_id)
+    headers = {
+        "Content-Disposition": f'attachment; filename="{model_id}.npz"',
+        "X-Model-Id": model_id,
+    }
     return Response(data, media_type="application/octet-stream", headers=headers)
 
 

@@ -41,12 +41,16 @@ class Hyperparameters(BaseModel):
     seq_length: int = _hp("seq_length")
     batch_size: int = _hp("batch_size")
     learning_rate: float = _hp("learning_rate", number=True)
+    lr_final: float = _hp("lr_final", number=True)
     optimizer: Optimizer = _hp("optimizer")
+    weight_decay: float = _hp("weight_decay", number=True)
     grad_clip: float = _hp("grad_clip", number=True)
     max_steps: int | None = _hp("max_steps")
     time_limit_s: float | None = _hp("time_limit_s", number=True)
     val_fraction: float = _hp("val_fraction", number=True)
     eval_every: int = _hp("eval_every")
+    patience: int | None = _hp("patience")
+    log_every: int = _hp("log_every")
     dtype: DType = _hp("dtype")
 
 
@@ -74,12 +78,16 @@ class HyperparametersOut(BaseModel):
     seq_length: int = _default("seq_length")
     batch_size: int = _default("batch_size")
     learning_rate: float = _default("learning_rate")
+    lr_final: float = _default("lr_final")
     optimizer: str = _default("optimizer")
+    weight_decay: float = _default("weight_decay")
     grad_clip: float = _default("grad_clip")
     max_steps: int | None = _default("max_steps")
     time_limit_s: float | None = _default("time_limit_s")
     val_fraction: float = _default("val_fraction")
     eval_every: int = _default("eval_every")
+    patience: int | None = _default("patience")
+    log_every: int = _default("log_every")
     dtype: str = _default("dtype")
 
 
@@ -110,6 +118,12 @@ class JobMetrics(BaseModel):
     train_loss: float | None = Field(description="mean over the latest logged steps")
     val_loss: float | None = Field(description="best validation loss so far")
     chars_per_sec: float | None
+    best_step: int | None = Field(
+        None, description="the step of the best validation loss: the model kept is that one"
+    )
+    evals_since_best: int | None = Field(
+        None, description="evaluations since then; early stopping ends the run at `patience`"
+    )
 
 
 class JobOut(BaseModel):
@@ -127,6 +141,12 @@ class JobOut(BaseModel):
     metrics: JobMetrics
     model_id: str | None
     error: str | None
+    note: str | None = Field(
+        None,
+        description="how the run is going or how it ended, in words (e.g. 'stopped early at "
+        "step 600: validation loss had not improved since step 350; the model from step 350 "
+        "was kept')",
+    )
 
 
 class JobList(BaseModel):
@@ -146,3 +166,23 @@ class MetricPointOut(BaseModel):
 class MetricsOut(BaseModel):
     job_id: str
     points: list[MetricPointOut]
+
+
+class HyperparameterInfo(BaseModel):
+    name: str
+    default: Any
+    help: str
+    minimum: float | None = Field(description="inclusive lower bound, if any")
+    exclusive_minimum: float | None
+    maximum: float | None = Field(description="inclusive upper bound on this server, if any")
+    exclusive_maximum: float | None
+    choices: list[str] | None
+
+
+class HyperparametersInfo(BaseModel):
+    hyperparameters: list[HyperparameterInfo]
+    suggested: dict[str, Any] | None = Field(
+        description="for corpus_chars: hidden size, streams, steps and evaluations scaled "
+        "to the text (the rest: the defaults)"
+    )
+    reason: str | None = Field(description="the suggestion in words")

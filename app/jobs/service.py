@@ -12,12 +12,13 @@ touch the store are plain functions the routes run in the thread pool.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import math
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from fastapi.concurrency import run_in_threadpool
 
-from model.config import TrainConfig
+from model.config import HYPERPARAMETERS, TrainConfig
 from model.data import check_trainable, split_lengths
 from model.errors import CheckpointError, UnknownCharactersError
 from model.memory import training_bytes
@@ -53,8 +54,11 @@ Event = tuple[str, dict[str, Any], int | None]  # (event name, data, id): an SSE
 _UNREADABLE: set[str] = set()
 
 
-def job_out(job: JobRecord) -> JobOut:
+def job_out(job: JobRecord, evals: Sequence[tuple[int, float]] = ()) -> JobOut:
+    """A stored job as answered; ``evals`` (its (step, validation loss) points) give the
+    best step and the plain-words note."""
     total = job.total_steps or job.hyperparameters.get("max_steps")
+    best_step, since = _best(evals)
     return JobOut(
         id=job.id,
         name=job.name,
@@ -73,16 +77,60 @@ def job_out(job: JobRecord) -> JobOut:
             eta_s=job.eta_s if job.status == "running" else None,
         ),
         metrics=JobMetrics(
-            train_loss=job.train_loss, val_loss=job.val_loss, chars_per_sec=job.chars_per_sec
+            train_loss=job.train_loss,
+            val_loss=job.val_loss,
+            chars_per_sec=job.chars_per_sec,
+            best_step=best_step,
+            evals_since_best=since,
         ),
         model_id=job.model_id,
         error=job.error,
+        note=_note(job, total, best_step, since),
     )
 
 
-def jobs_out(jobs: list[JobRecord]) -> list[JobOut]:
+def _best(evals: Sequence[tuple[int, float]]) -> tuple[int | None, int | None]:
+    """(step of the best validation loss, evaluations since it), as the trainer counts."""
+    best_step, best, since = None, math.inf, 0
+    for step, val in evals:
+        if val < best:
+            best_step, best, since = step, val, 0
+        else:
+            since += 1
+    return best_step, (since if best_step is not None else None)
+
+
+def _note(job: JobRecord, total: int | None, best: int | None, since: int | None) -> str | None:
+    """How the run is going, or how it ended, in words (None before any evaluation)."""
+    if best is None or since is None or job.status in ("queued", "failed"):
+        return None
+    patience = job.hyperparameters.get("patience", HYPERPARAMETERS["patience"].default)
+    if job.status == "running":
+        if since == 0:
+            return f"validation loss improving: best so far at step {best}"
+        left = f" ({since} of {patience} evaluations before early stopping)" if patience else ""
+        return f"validation loss has not improved since step {best}{left}"
+    if job.status != "succeeded":  # cancelled: no model was kept
+        return f"{job.status} at step {job.step}; validation loss was best at step {best}"
+    if patience and since >= patience and (total is None or job.step < total):
+        return (
+            f"stopped early at step {job.step}: validation loss had not improved since step "
+            f"{best}; the model from step {best} was kept"
+        )
+    if best < job.step:
+        return (
+            f"stopped at step {job.step}; validation loss was best at step {best}, and that "
+            "model was kept"
+        )
+    return f"stopped at step {job.step}, at the best validation loss so far"
+
+
+def jobs_out(
+    jobs: list[JobRecord], evals: Mapping[str, Sequence[tuple[int, float]]] | None = None
+) -> list[JobOut]:
     """The jobs that can be shown; one that cannot (an old bug's row) is logged, skipped."""
-    return readable(jobs, job_out, "job", _UNREADABLE)
+    found = evals or {}
+    return readable(jobs, lambda j: job_out(j, found.get(j.id, ())), "job", _UNREADABLE)
 
 
 class JobService:
@@ -131,7 +179,7 @@ class JobService:
         # Sized, not encoded: the job process encodes the corpus; a 10M-character request
         # need not pay for it twice.
         split = split_lengths(len(corpus), config.val_fraction)
-        check_trainable(split[0], n_distinct, config.seq_length)  # CorpusError -> 422
+        check_trainable(split[0], n_distinct, config.seq_length, split[1])  # CorpusError -> 422
         self._check_size(config, len(vocab), len(corpus), split)
 
         if not self.store.writable():
@@ -211,12 +259,16 @@ class JobService:
         return job
 
     def get(self, job_id: str) -> JobOut:
-        return job_out(self._record(job_id))
+        return self._out(self._record(job_id))
+
+    def _out(self, job: JobRecord) -> JobOut:
+        return job_out(job, self.store.evaluations([job.id]).get(job.id, ()))
 
     def list(self, status: JobStatus | None, limit: int, offset: int) -> JobList:
         jobs = self.store.list_jobs(status, limit, offset)
         total = self.store.count_jobs(status)
-        return JobList(items=jobs_out(jobs), total=total, limit=limit, offset=offset)
+        evals = self.store.evaluations([j.id for j in jobs])
+        return JobList(items=jobs_out(jobs, evals), total=total, limit=limit, offset=offset)
 
     def metrics(self, job_id: str, after_step: int) -> MetricsOut:
         self._record(job_id)
@@ -249,7 +301,7 @@ class JobService:
             if job.status in TERMINAL_STATUSES:
                 break
             await asyncio.sleep(0.05)
-        return job_out(job)
+        return await run_in_threadpool(self._out, job)
 
     def delete(self, job_id: str) -> None:
         try:
@@ -276,7 +328,7 @@ class JobService:
             queue = self.events.subscribe(job_id)
             try:
                 current = await run_in_threadpool(self._record, job_id)
-                snapshot = job_out(current).model_dump()
+                snapshot = (await run_in_threadpool(self._out, current)).model_dump()
                 if current.status in TERMINAL_STATUSES:
                     yield "status", snapshot, current.step
                     return
@@ -289,7 +341,8 @@ class JobService:
                         # reconnecting) must not leave the stream open forever: ask the store.
                         now = await run_in_threadpool(self._record, job_id)
                         if now.status in TERMINAL_STATUSES:
-                            yield "status", job_out(now).model_dump(), now.step
+                            out = await run_in_threadpool(self._out, now)
+                            yield "status", out.model_dump(), now.step
                             return
                         yield "keep-alive", {}, None
                         continue
@@ -301,7 +354,8 @@ class JobService:
                         yield "progress", data, int(m["step"])
                     elif m.get("type") == "status" and m.get("status") in TERMINAL_STATUSES:
                         final = await run_in_threadpool(self._record, job_id)
-                        yield "status", job_out(final).model_dump(), final.step
+                        out = await run_in_threadpool(self._out, final)
+                        yield "status", out.model_dump(), final.step
                         return
             finally:
                 self.events.unsubscribe(job_id, queue)

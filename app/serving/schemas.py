@@ -21,7 +21,10 @@ class PredictIn(BaseModel):
 
 class NextChar(BaseModel):
     char: str
-    prob: float
+    prob: float = Field(
+        description="7 significant digits (float32's precision): a whole distribution "
+        "sums to 1 within 1e-6"
+    )
 
 
 class PredictOut(BaseModel):
@@ -45,6 +48,9 @@ class GenerateIn(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: list[str] = Field(default_factory=list, max_length=16)
     stream: bool = False
+    include_prompt: bool = Field(
+        False, description="start the answer's text (and the stream) with the prompt"
+    )
 
 
 class GenerateOut(BaseModel):

@@ -35,6 +35,7 @@ from ..store.base import ModelRecord, Store, readable
 from ..store.validation import validate_model_bytes
 from . import slices
 from .cache import LoadedModel, ModelCache
+from .numbers import significant, significant1
 from .schemas import (
     GenerateIn,
     GenerateOut,
@@ -131,14 +132,14 @@ class ModelService:
         order = np.argsort(-probs, kind="stable")
         if body.top_k is not None:
             order = order[: body.top_k]
-        chars, top = vocab.chars, probs[order].tolist()
+        chars, top = vocab.chars, significant(probs[order])
         return PredictOut(
             model=loaded.id,
             text=body.text,
             next=[
                 NextChar(char=chars[i], prob=p) for i, p in zip(order.tolist(), top, strict=True)
             ],
-            entropy_bits=entropy_bits(probs),
+            entropy_bits=significant1(entropy_bits(probs)),
         )
 
     async def _sampler(self, body: GenerateIn) -> tuple[LoadedModel, SampleStream]:
@@ -163,6 +164,8 @@ class ModelService:
     async def generate(self, body: GenerateIn) -> GenerateOut:
         loaded, stream = await self._sampler(body)
         text = await slices.sample_all(stream, loaded.weights.n_a)
+        if body.include_prompt:
+            text = body.prompt + text
         return GenerateOut(
             model=loaded.id, text=text, finish_reason=stream.finish_reason or "length"
         )
@@ -174,6 +177,9 @@ class ModelService:
 
         async def events() -> AsyncIterator[Event]:
             parts: list[str] = []
+            if body.include_prompt and body.prompt:
+                parts.append(body.prompt)
+                yield "chunk", {"text": body.prompt}
             while chunk := await slices.sample_slice(stream, loaded.weights.n_a):
                 for ch in chunk:
                     parts.append(ch)
@@ -190,10 +196,10 @@ class ModelService:
         return ScoreOut(
             model=loaded.id,
             chars=s.chars,
-            logprobs=logprobs.tolist(),
-            mean_nats=s.mean_nats,
-            bits_per_char=s.bits_per_char,
-            perplexity=s.perplexity,
+            logprobs=significant(logprobs),
+            mean_nats=significant1(s.mean_nats),
+            bits_per_char=significant1(s.bits_per_char),
+            perplexity=significant1(s.perplexity),
         )
 
     # ------------------------------------------------------------------ managing (blocking)
@@ -202,23 +208,39 @@ class ModelService:
         items = models_out(self.store.list_models(limit, offset))
         return ModelList(items=items, total=self.store.count_models(), limit=limit, offset=offset)
 
-    def get(self, model_id: str) -> ModelOut:
-        record = self.store.get_model(model_id)
-        shown = models_out([record]) if record is not None else []
+    def _record(self, ref: str) -> ModelRecord:
+        """The model ``ref`` names: an id, or a name (the newest model with it), as
+        ``/predict`` reads ``model``."""
+        record = self.cache.resolve(ref)
+        if record is None:
+            raise NotFound(f"no model with id or name {ref[:64]!r}")
+        return record
+
+    def get(self, ref: str) -> ModelOut:
+        shown = models_out([self._record(ref)])
         if not shown:
-            raise _not_found(model_id)
+            raise NotFound(f"model {ref[:64]!r} cannot be shown (see the server log)")
         return shown[0]
 
     def delete(self, model_id: str) -> None:
+        """By id only: a name may mean another model by the time the request runs."""
         if not self.store.delete_model(model_id):
+            record = self.cache.resolve(model_id)
+            if record is not None:
+                raise NotFound(
+                    f"{model_id[:64]!r} is a name, and DELETE takes a model id: the newest "
+                    f"model with this name is {record.id}"
+                )
             raise _not_found(model_id)
         self.cache.forget(model_id)
 
-    def checkpoint(self, model_id: str) -> bytes:
-        data = self.store.read_model_bytes(model_id)
+    def checkpoint(self, ref: str) -> tuple[str, bytes]:
+        """(model id, .npz bytes) of the model ``ref`` names."""
+        record = self._record(ref)
+        data = self.store.read_model_bytes(record.id)
         if data is None:
-            raise _not_found(model_id)
-        return data
+            raise _not_found(record.id)
+        return record.id, data
 
     def upload(self, data: bytes, name: str | None) -> ModelOut:
         """Store an uploaded checkpoint, validated as a trained one (CheckpointError ->

@@ -4,14 +4,15 @@
 
 const $ = (id) => document.getElementById(id);
 
-// Hyperparameters of each size preset: shown in the form, editable before starting.
+// Fixed presets; "auto" asks the server for settings fitted to the text's size
+// (GET /hyperparameters?corpus_chars=N), "full" leaves every field to the server.
 const PRESETS = {
   tiny: { hidden_size: 32, seq_length: 32, batch_size: 16, learning_rate: 0.01, max_steps: 300, eval_every: 50 },
-  small: { hidden_size: 128, seq_length: 64, batch_size: 32, learning_rate: 0.008, max_steps: 1000, eval_every: 100 },
-  medium: { hidden_size: 256, seq_length: 64, batch_size: 64, learning_rate: 0.008, max_steps: 2000, eval_every: 200 },
+  full: {},
 };
-const HP_FIELDS = Object.keys(PRESETS.tiny);
+const HP_FIELDS = ["hidden_size", "seq_length", "batch_size", "learning_rate", "max_steps", "eval_every", "patience"];
 const VISIBLE = { " ": "␣", "\n": "↵", "\t": "⇥", "\r": "␍" };
+const ETA_MIN_SECONDS = 2; // an ETA from less than this much training is a guess
 
 // ---------------------------------------------------------------------------- the API
 
@@ -101,13 +102,56 @@ function duration(seconds) {
 
 // ---------------------------------------------------------------------------- training
 
-const chart = { train: [], val: [] };
+const chart = { train: [], val: [], total: null };
 let currentJob = null;
 let events = null;
+let corpusChars = 0;
+let suggestTimer = null;
+let suggestSeq = 0;
+let rate = null; // {step, time}: the first progress event seen, for the ETA
 
-function applyPreset() {
-  const preset = PRESETS[$("preset").value];
-  for (const name of HP_FIELDS) $(`hp-${name}`).value = preset[name];
+function setFields(hp) {
+  for (const name of HP_FIELDS) $(`hp-${name}`).value = hp[name] ?? "";
+}
+
+async function applyPreset() {
+  const preset = $("preset").value;
+  if (preset === "custom") return;
+  if (preset !== "auto") {
+    setFields(PRESETS[preset]);
+    $("preset-reason").textContent = preset === "full" ? "Every hyperparameter at the server's default." : "";
+    return;
+  }
+  if (!corpusChars) {
+    setFields({});
+    $("preset-reason").textContent = "Paste or pick a text: the settings will fit its size.";
+    return;
+  }
+  const seq = ++suggestSeq;
+  try {
+    const out = await api(`hyperparameters?corpus_chars=${corpusChars}`);
+    if (seq !== suggestSeq || $("preset").value !== "auto") return;
+    setFields(out.suggested || {});
+    $("preset-reason").textContent = out.reason || "";
+  } catch (error) {
+    showError("train-error", error);
+  }
+}
+
+// What the text is, as the server will count it (code points, not UTF-16 units).
+async function describeCorpus() {
+  const file = $("corpus-file").files[0];
+  const pasted = $("corpus").value;
+  let text = pasted;
+  let source = "";
+  if (!pasted && file) { text = await file.text(); source = `${file.name}: `; }
+  const chars = Array.from(text);
+  corpusChars = chars.length;
+  $("corpus-info").textContent = corpusChars
+    ? `${source}${corpusChars.toLocaleString("en-US")} characters, ${new Set(chars).size} distinct`
+    : "";
+  clearTimeout(suggestTimer);
+  suggestTimer = setTimeout(applyPreset, 250);
 }
 
 function readHyperparameters() {
@@ -120,28 +164,69 @@ function readHyperparameters() {
   return hp;
 }
 
+// Round tick steps (1, 2, 2.5, 5 x 10^k) covering [lo, hi] with about n intervals.
+function ticks(lo, hi, n) {
+  const raw = (hi - lo) / n;
+  const mag = 10 ** Math.floor(Math.log10(raw));
+  const step = [1, 2, 2.5, 5, 10].map((m) => m * mag).find((s) => s >= raw) || 10 * mag;
+  const first = Math.floor(lo / step) * step;
+  const out = [];
+  for (let v = first; v <= hi + step * 1e-9; v += step) out.push(Number(v.toPrecision(12)));
+  if (out[out.length - 1] < hi - step * 1e-9) out.push(Number((first + out.length * step).toPrecision(12)));
+  return { values: out, step };
+}
+
+// As many decimals as the tick step has (0.25 -> 2, 0.5 -> 1, 5 -> 0): ticks read alike.
+function tickText(v, step) {
+  const decimals = (String(Number(step.toPrecision(12))).split(".")[1] || "").length;
+  return v.toFixed(Math.min(4, decimals));
+}
+
+// Drawn in CSS pixels (no viewBox): on a phone the labels stay as large as the page's text.
 function drawChart() {
   const svg = $("loss-chart");
-  const W = 600, H = 240, L = 44, R = 12, T = 12, B = 28;
+  const W = Math.max(240, Math.round(svg.clientWidth || svg.parentElement.clientWidth || 600));
+  const H = W < 480 ? 200 : 240;
+  svg.setAttribute("width", String(W));
+  svg.setAttribute("height", String(H));
+  const L = 46, R = 14, T = 14, B = 30;
   const all = chart.train.concat(chart.val);
   svg.dataset.trainPoints = String(chart.train.length);
   svg.dataset.valPoints = String(chart.val.length);
+  svg.dataset.bestStep = "";
   const parts = [];
   if (all.length) {
-    const xMax = Math.max(1, ...all.map((p) => p.step));
-    let yMin = Math.min(...all.map((p) => p.loss));
-    let yMax = Math.max(...all.map((p) => p.loss));
-    if (yMax - yMin < 1e-6) { yMax += 0.5; yMin = Math.max(0, yMin - 0.5); }
+    const xMax = Math.max(1, chart.total || 0, ...all.map((p) => p.step));
+    const losses = all.map((p) => p.loss);
+    let lo = Math.min(...losses), hi = Math.max(...losses);
+    if (hi - lo < 1e-6) { hi += 0.5; lo = Math.max(0, lo - 0.5); }
+    const ys = ticks(lo, hi, 4);
+    const yMin = ys.values[0], yMax = ys.values[ys.values.length - 1];
     const x = (s) => L + ((W - L - R) * s) / xMax;
     const y = (v) => T + ((H - T - B) * (yMax - v)) / (yMax - yMin);
-    for (let i = 0; i <= 4; i++) {
-      const v = yMin + ((yMax - yMin) * i) / 4;
+    for (const v of ys.values) {
       parts.push(`<line class="grid-line" x1="${L}" x2="${W - R}" y1="${y(v)}" y2="${y(v)}"/>`);
-      parts.push(`<text x="${L - 6}" y="${y(v) + 4}" text-anchor="end">${v.toFixed(2)}</text>`);
+      parts.push(`<text class="tick ytick" x="${L - 6}" y="${y(v) + 4}" text-anchor="end">${tickText(v, ys.step)}</text>`);
+    }
+    const xs = ticks(0, xMax, W < 480 ? 3 : 5);
+    for (const v of xs.values) {
+      if (v > xMax) continue;
+      parts.push(`<text class="tick" x="${x(v)}" y="${H - 10}" text-anchor="middle">${v}</text>`);
     }
     parts.push(`<line class="axis" x1="${L}" x2="${W - R}" y1="${H - B}" y2="${H - B}"/>`);
-    parts.push(`<text x="${W - R}" y="${H - 8}" text-anchor="end">step ${xMax}</text>`);
-    parts.push(`<text x="${L}" y="${H - 8}">0</text>`);
+    // Where overfitting starts: the best validation point, when later ones are worse.
+    if (chart.val.length >= 2) {
+      const best = chart.val.reduce((a, b) => (b.loss < a.loss ? b : a));
+      const last = chart.val[chart.val.length - 1];
+      if (last.step > best.step && last.loss > best.loss) {
+        svg.dataset.bestStep = String(best.step);
+        parts.push(`<rect class="overfit" x="${x(best.step)}" y="${T}" width="${x(last.step) - x(best.step)}" height="${H - T - B}"/>`);
+        parts.push(`<line class="best" x1="${x(best.step)}" x2="${x(best.step)}" y1="${T}" y2="${H - B}"/>`);
+        const anchor = x(best.step) > W / 2 ? "end" : "start";
+        const dx = anchor === "end" ? -4 : 4;
+        parts.push(`<text class="best-label" x="${x(best.step) + dx}" y="${T + 12}" text-anchor="${anchor}">${W < 480 ? `best: step ${best.step}` : `best at step ${best.step}; validation worse since`}</text>`);
+      }
+    }
     const line = (pts) => pts.map((p) => `${x(p.step).toFixed(1)},${y(p.loss).toFixed(1)}`).join(" ");
     if (chart.train.length) parts.push(`<polyline class="train" points="${line(chart.train)}"/>`);
     if (chart.val.length) {
@@ -183,13 +268,25 @@ async function loadCurve(jobId) {
   }
 }
 
-function showProgress(step, total, elapsed, status) {
+// The ETA from this page's own clock over the steps it saw: the job's start-up and a
+// first slow step do not count, and nothing is promised from under ETA_MIN_SECONDS.
+function eta(step, total) {
+  const now = performance.now() / 1000;
+  if (rate === null || step < rate.step) { rate = { step, time: now }; return null; }
+  const seconds = now - rate.time, steps = step - rate.step;
+  if (seconds < ETA_MIN_SECONDS || steps < Math.max(3, 0.05 * total)) return null;
+  return (seconds / steps) * (total - step);
+}
+
+function showProgress(step, total, status, note) {
   const bar = $("train-progress");
   if (total) { bar.max = total; bar.value = Math.min(step, total); }
   let text = `${status}: step ${step}${total ? ` of ${total}` : ""}`;
-  if (status === "running" && total && step > 0 && elapsed > 0) {
-    text += ` · about ${duration((elapsed / step) * (total - step))} left`;
+  if (status === "running" && total) {
+    const left = eta(step, total);
+    text += left === null ? " · estimating the time left…" : ` · about ${duration(left)} left`;
   }
+  if (note) text += ` · ${note}`;
   $("train-status").textContent = text;
 }
 
@@ -200,36 +297,51 @@ function setRunning(running) {
 
 async function finished(job) {
   if (events) { events.close(); events = null; }
+  chart.total = null; // the axis ends where the run did (early stopping may end it soon)
   await loadCurve(job.id); // every point, even if the stream saw none
   setRunning(false);
   const total = job.progress.total_steps || job.progress.step;
   $("train-progress").max = Math.max(1, total);
   $("train-progress").value = job.status === "succeeded" ? Math.max(1, total) : job.progress.step;
   let text = `${job.status} after ${job.progress.step} steps`;
+  if (job.note) text += ` · ${job.note}`;
   if (job.metrics.val_loss !== null) text += ` · best validation loss ${fmt(job.metrics.val_loss)} nats/char`;
   if (job.error) text += ` · ${job.error}`;
   $("train-status").textContent = text;
+  loadJobs();
   if (job.status === "succeeded" && job.model_id) await loadModels(job.model_id);
+}
+
+// While the stream runs: the best validation so far, and how long since it improved.
+function liveNote(data) {
+  if (data.best_step === null || data.best_step === undefined) return "";
+  if (data.best_step === data.step) return `validation improving (best at step ${data.best_step})`;
+  return `validation not better since step ${data.best_step}`;
 }
 
 function follow(job) {
   currentJob = job;
   chart.train = [];
   chart.val = [];
+  chart.total = job.progress.total_steps;
+  rate = null;
   drawChart();
   setRunning(true);
-  showProgress(0, job.progress.total_steps, 0, job.status);
+  showProgress(job.progress.step, job.progress.total_steps, job.status, job.note);
+  if (events) events.close();
   events = new EventSource(`jobs/${encodeURIComponent(job.id)}/events`);
   events.addEventListener("progress", (e) => {
     const data = JSON.parse(e.data);
     if (data.job) { // the snapshot every (re)connected stream starts with
-      showProgress(data.job.progress.step, data.job.progress.total_steps, 0, data.job.status);
+      chart.total = data.job.progress.total_steps;
+      showProgress(data.job.progress.step, data.job.progress.total_steps, data.job.status, data.job.note);
       loadCurve(job.id);
       return;
     }
+    if (data.total_steps) chart.total = data.total_steps;
     addPoint(data);
     drawChart();
-    showProgress(data.step, data.total_steps, data.elapsed_s, "running");
+    showProgress(data.step, data.total_steps, "running", liveNote(data));
   });
   events.addEventListener("status", (e) => finished(JSON.parse(e.data)));
   events.onerror = async () => {
@@ -259,6 +371,8 @@ async function startTraining() {
     if (name) body.name = name;
     const job = await api("jobs", { method: "POST", body });
     follow(job);
+    $("train-live").scrollIntoView({ block: "nearest" }); // the chart in view while it trains
+    loadJobs();
   } catch (error) {
     showError("train-error", error);
     setRunning(false);
@@ -271,6 +385,59 @@ async function cancelTraining() {
     await api(`jobs/${encodeURIComponent(currentJob.id)}/cancel`, { method: "POST" });
   } catch (error) {
     showError("train-error", error);
+  }
+}
+
+// Recent jobs; on load, the newest running (or queued) one is followed again.
+async function loadJobs() {
+  let page;
+  try {
+    page = await api("jobs?limit=5");
+  } catch (error) {
+    return null; // the form still works; the error shows where the user acts
+  }
+  const list = $("job-list");
+  list.innerHTML = "";
+  for (const j of page.items) {
+    const item = document.createElement("li");
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "job";
+    button.dataset.job = j.id;
+    const when = new Date(j.created_at * 1000).toLocaleTimeString();
+    const val = j.metrics.val_loss === null ? "" : ` · val ${fmt(j.metrics.val_loss)}`;
+    button.textContent = `${j.name} · ${j.status} · step ${j.progress.step}${val} · ${when}`;
+    button.title = j.note || j.error || "";
+    button.addEventListener("click", () => showJob(j.id));
+    item.append(button);
+    list.append(item);
+  }
+  $("recent").hidden = !page.items.length;
+  return page.items;
+}
+
+async function showJob(jobId) {
+  try {
+    const job = await api(`jobs/${encodeURIComponent(jobId)}`);
+    if (job.status === "running" || job.status === "queued") { follow(job); return; }
+    if (events) { events.close(); events = null; }
+    currentJob = job;
+    chart.train = [];
+    chart.val = [];
+    chart.total = job.progress.total_steps;
+    await finished(job);
+  } catch (error) {
+    showError("train-error", error);
+  }
+}
+
+async function reattach() {
+  const items = await loadJobs();
+  if (!items) return;
+  const live = items.find((j) => j.status === "running") || items.find((j) => j.status === "queued");
+  if (live) {
+    follow(live);
+    $("train-status").textContent = `${live.status}: following job ${live.name} again (started before this page loaded)`;
   }
 }
 
@@ -326,7 +493,6 @@ function predictSoon() {
 function renderBars(next) {
   const bars = $("predict-bars");
   bars.innerHTML = "";
-  const top = next.length ? next[0].prob : 1;
   for (const n of next) {
     const bar = document.createElement("button");
     bar.type = "button";
@@ -334,16 +500,20 @@ function renderBars(next) {
     bar.dataset.char = n.char;
     bar.dataset.prob = String(n.prob);
     bar.title = `${JSON.stringify(n.char)}: ${(100 * n.prob).toFixed(2)} %`;
+    // Heights on an absolute scale, 0 to 100 %: a flat distribution looks flat.
+    const track = document.createElement("span");
+    track.className = "track";
     const fill = document.createElement("span");
     fill.className = "fill";
-    fill.style.height = `${Math.max(1, (70 * n.prob) / top)}%`;
+    fill.style.height = `${(100 * n.prob).toFixed(2)}%`;
+    track.append(fill);
     const ch = document.createElement("span");
     ch.className = "char";
     ch.textContent = visible(n.char);
     const pct = document.createElement("span");
     pct.className = "pct";
     pct.textContent = `${(100 * n.prob).toFixed(n.prob >= 0.1 ? 0 : 1)}%`;
-    bar.append(fill, ch, pct);
+    bar.append(track, ch, pct);
     bar.addEventListener("click", () => {
       const text = $("predict-text");
       text.value += n.char;
@@ -384,11 +554,16 @@ async function generate() {
   if (!m) { showError("gen-error", new ApiError("Train or pick a model first.")); return; }
   const out = $("gen-output");
   out.textContent = "";
+  const prompt = $("gen-prompt").value;
+  const shownPrompt = document.createElement("span");
+  shownPrompt.className = "prompt";
+  out.append(shownPrompt);
   $("gen-status").textContent = "generating…";
   $("gen-start").disabled = true;
   const body = {
     model: m.id,
-    prompt: $("gen-prompt").value,
+    prompt,
+    include_prompt: true,
     max_chars: Number($("gen-length").value || 300),
     temperature: Number($("gen-temperature").value),
     stream: true,
@@ -396,9 +571,17 @@ async function generate() {
   const seed = $("gen-seed").value.trim();
   if (seed !== "") body.seed = Number(seed);
   try {
+    let first = true;
     for await (const { event, data } of postEvents("generate", body)) {
-      if (event === "chunk") out.textContent += data.text;
-      else if (event === "done") $("gen-status").textContent = `done (${data.finish_reason}, ${data.text.length} characters)`;
+      if (event === "chunk" && first && prompt) shownPrompt.textContent = data.text; // the prompt
+      else if (event === "chunk") out.append(data.text);
+      else if (event === "done") {
+        const n = Array.from(data.text).length - Array.from(prompt).length;
+        $("gen-status").textContent = data.finish_reason === "stop"
+          ? `done: stopped at a stop string after ${n} characters`
+          : `done: stopped at ${n} characters, the length asked for`;
+      }
+      if (event === "chunk") first = false;
     }
   } catch (error) {
     showError("gen-error", error);
@@ -415,13 +598,21 @@ function init() {
   $("api-key").value = sessionStorage.getItem("charnn-api-key") || "";
   $("api-key").addEventListener("change", () => sessionStorage.setItem("charnn-api-key", $("api-key").value));
   $("preset").addEventListener("change", applyPreset);
+  for (const name of HP_FIELDS) {
+    $(`hp-${name}`).addEventListener("input", () => {
+      $("preset").value = "custom"; // edited by hand: a new text no longer overwrites it
+      $("preset-reason").textContent = "";
+    });
+  }
   applyPreset();
-  $("corpus-file").addEventListener("change", async () => {
-    const file = $("corpus-file").files[0];
-    if (!file) return;
+  $("corpus").addEventListener("input", describeCorpus);
+  $("corpus-file").addEventListener("change", () => {
+    if (!$("corpus-file").files[0]) return;
     $("corpus").value = "";
-    $("corpus-info").textContent = `${file.name}: ${(file.size / 1024).toFixed(0)} kB`;
+    describeCorpus();
   });
+  let resizeTimer = null;
+  window.addEventListener("resize", () => { clearTimeout(resizeTimer); resizeTimer = setTimeout(drawChart, 100); });
   $("train-start").addEventListener("click", startTraining);
   $("train-cancel").addEventListener("click", cancelTraining);
   $("models-refresh").addEventListener("click", () => loadModels());
@@ -433,6 +624,7 @@ function init() {
   $("gen-start").addEventListener("click", generate);
   drawChart();
   loadModels();
+  reattach();
 }
 
 init();

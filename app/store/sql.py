@@ -149,6 +149,25 @@ class SqlReads:
         )
         return readable(rows, metric_from_row, "metric", self._reported)
 
+    def evaluations(self, job_ids: Sequence[str]) -> dict[str, list[tuple[int, float]]]:
+        """Each job's validation losses as (step, loss), by step: how its run is going."""
+        ids = [i for i in job_ids if valid_id(i)]
+        out: dict[str, list[tuple[int, float]]] = {i: [] for i in ids}
+        if not ids:
+            return out
+        d = self.dialect
+        rows = self._rows(
+            f"SELECT job_id, step, val_loss FROM {d.metrics} WHERE val_loss IS NOT NULL AND "
+            f"job_id IN ({', '.join([d.p] * len(ids))}) ORDER BY job_id, step",
+            ids,
+        )
+        for row in rows:
+            try:
+                out[str(row["job_id"])].append((int(row["step"]), float(row["val_loss"])))
+            except (KeyError, TypeError, ValueError):
+                continue  # an unreadable point: the summary just has one fewer
+        return out
+
     # -- models -----------------------------------------------------------------
 
     def get_model(self, model_id: str) -> ModelRecord | None:

@@ -22,7 +22,15 @@ from app.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 CORPUS = "the quick brown fox jumps over the lazy dog. " * 60
-QUICK = {"hidden_size": 16, "seq_length": 16, "batch_size": 4, "max_steps": 40, "eval_every": 10}
+# patience None: these jobs run their steps out (early stopping would end a long one early)
+QUICK = {
+    "hidden_size": 16,
+    "seq_length": 16,
+    "batch_size": 4,
+    "max_steps": 40,
+    "eval_every": 10,
+    "patience": None,
+}
 LONG = {**QUICK, "max_steps": 10**6}
 
 

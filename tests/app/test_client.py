@@ -32,7 +32,7 @@ SMALL: dict[str, Any] = {
     "max_steps": 150,
     "eval_every": 50,
 }
-ENDLESS: dict[str, Any] = {**SMALL, "max_steps": 10**6}
+ENDLESS: dict[str, Any] = {**SMALL, "max_steps": 10**6, "patience": None}
 
 
 @pytest.mark.slow  # over a second: the full suite runs it
@@ -71,17 +71,27 @@ def test_sync_client_trains_serves_and_manages_models(
         assert len(g1.text) == 40 and g1.finish_reason == "length"
         pieces = list(c.stream_generate("ab", max_chars=40, seed=7))
         assert len(pieces) > 1 and "".join(pieces) == g1.text
+        with_prompt = c.generate("ab", max_chars=40, seed=7, include_prompt=True)
+        assert with_prompt.text == "ab" + g1.text
+        assert "".join(c.stream_generate("ab", max_chars=40, seed=7, include_prompt=True)) == (
+            with_prompt.text
+        )
         stopped = c.generate("ab", max_chars=40, seed=7, stop="da")
         assert stopped.finish_reason == "stop" and "da" not in stopped.text
         sc = c.score("abca")
         assert sc.chars == 4 and len(sc.logprobs) == 4
         p_d = next(n.prob for n in c.predict("abc").next if n.char == "d")
-        assert math.isclose(c.score("abcd").logprobs[3], math.log(p_d), rel_tol=1e-6)
+        assert math.isclose(c.score("abcd").logprobs[3], math.log(p_d), rel_tol=1e-6, abs_tol=1e-6)
 
         # models: list, inspect, download -> upload (bytes and file), delete
         listed = c.models()
         assert listed.total == 1 and listed.items[0].id == model_id
         assert c.model(model_id).vocab == ["a", "b", "c", "d"]
+        assert c.model("abcd").id == model_id  # by name
+        assert c.download("abcd") == c.download(model_id)
+        info = c.hyperparameters(corpus_chars=20_000)
+        assert info.suggested is not None and info.suggested["hidden_size"] == 128
+        assert "patience" in [h.name for h in c.hyperparameters().hyperparameters]
         path = tmp_path / "m.npz"
         data = c.download(model_id, path)
         assert data[:2] == b"PK" and path.read_bytes() == data

@@ -39,7 +39,7 @@ def test_submit_follow_events_and_read_the_curve(serve: Callable[..., Server]) -
     # and the model it made answers over HTTP, as a file download too
     pred = httpx.post(f"{server.url}/predict", json={"text": "the quick brown f"}).json()
     assert pred["model"] == events[-1][1]["model_id"]
-    assert abs(sum(n["prob"] for n in pred["next"]) - 1) < 1e-9
+    assert abs(sum(n["prob"] for n in pred["next"]) - 1) < 1e-6  # 7 significant digits each
     ckpt = httpx.get(f"{server.url}/models/{pred['model']}/checkpoint")
     assert ckpt.status_code == 200 and ckpt.content[:2] == b"PK"  # a zip: the .npz
 

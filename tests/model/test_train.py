@@ -15,7 +15,9 @@ from model.train import Progress, TrainConfig, Trainer, evaluate, train
 
 PERIODIC = "abcd" * 300
 SENTENCES = "the quick brown fox jumps over the lazy dog. " * 60
-BASE = TrainConfig(hidden_size=24, seq_length=16, batch_size=8, eval_every=20, log_every=5)
+BASE = TrainConfig(
+    hidden_size=24, seq_length=16, batch_size=8, eval_every=20, log_every=5, patience=None
+)
 
 
 def cfg(**overrides: Any) -> TrainConfig:
@@ -146,7 +148,7 @@ def test_small_corpus_shrinks_the_batch() -> None:
 
 @pytest.mark.parametrize(
     "text,match",
-    [("", "empty"), ("aaaaaaaa" * 10, "one distinct"), ("abcabc", "at least seq_length")],
+    [("", "empty"), ("aaaaaaaa" * 10, "one distinct"), ("abcabc", "lower seq_length to at most")],
 )
 def test_untrainable_corpora_are_rejected(text: str, match: str) -> None:
     with pytest.raises(CorpusError, match=match):

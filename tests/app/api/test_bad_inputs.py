@@ -77,13 +77,24 @@ OK = CORPUS[:2000]
 JOB_JSON: list[tuple[str, Any, int, str | None, tuple[str, ...]]] = [
     *((label, body, 422, None, (msg,)) for label, body, msg in BAD_BODIES),
     ("single character", {"corpus": "a"}, 422, "invalid_corpus", ("one distinct", "at least 2")),
-    ("too short", {"corpus": "ab" * 10}, 422, "invalid_corpus", ("seq_length + 1 = 65",)),
+    (
+        "too short",
+        {"corpus": "ab" * 10},
+        422,
+        "invalid_corpus",
+        (
+            "seq_length + 1 = 65",
+            "lower seq_length to at most 17",
+            "or lower val_fraction",
+            "or give more text",
+        ),
+    ),
     (
         "validation part leaves too little",
         {"corpus": OK[:200], "hyperparameters": {"val_fraction": 0.9}},
         422,
         "invalid_corpus",
-        ("training part", "needed"),
+        ("training part", "lower val_fraction (180 characters are held out"),
     ),
     ("corpus over max_corpus_chars", {"corpus": "ab" * MAX_CORPUS}, 422, "invalid", ("5000",)),
     ("corpus not a string", {"corpus": 123}, 422, "invalid", ("corpus", "valid string")),

@@ -144,7 +144,7 @@ BAD_BODIES: list[tuple[str, dict[str, Any], str]] = [
     ("empty", {"corpus": ""}, "empty"),
     ("whitespace", {"corpus": " \n\t " * 50}, "empty or only whitespace"),
     ("one character", {"corpus": "a" * 500}, "only one distinct character"),
-    ("too short", {"corpus": "abcdef"}, "at least seq_length"),
+    ("too short", {"corpus": "abcdef"}, "lower seq_length to at most"),
     ("NUL", {"corpus": "ab\x00" * 100}, "NUL"),
     ("hidden zero", {"corpus": CORPUS, "hyperparameters": {"hidden_size": 0}}, "hidden_size"),
     ("hidden huge", {"corpus": CORPUS, "hyperparameters": {"hidden_size": 4000}}, "limit of"),

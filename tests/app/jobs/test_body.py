@@ -84,7 +84,7 @@ def test_problems_with_the_job_end_it_as_failed_with_a_clear_reason(tmp_path: Pa
     assert messages == [
         {
             "type": "failed",
-            "error": "the corpus has only one distinct character; "
-            "at least 2 are needed to learn anything",
+            "error": "the corpus has only one distinct character; give a text with at "
+            "least 2 different characters",
         }
     ]
