@@ -203,12 +203,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _check_port(args.host, args.port)  # before the data directory is made or opened
     _preflight(settings)
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-    print(
-        f"charnn: serving on http://{args.host}:{args.port} ({_where(settings)}); "
-        f"open http://{host}:{args.port}/ in a browser",
-        file=sys.stderr,
-        flush=True,
+    banner = (
+        f"serving on http://{args.host}:{args.port} ({_where(settings)}); "
+        f"open http://{host}:{args.port}/ in a browser"
     )
+    if settings.log_format == "json":  # every line of the log one JSON object
+        import logging
+
+        from .logs import JsonFormatter
+
+        record = logging.LogRecord("charnn", logging.INFO, __file__, 0, banner, None, None)
+        banner = JsonFormatter().format(record)
+    else:
+        banner = f"charnn: {banner}"
+    print(banner, file=sys.stderr, flush=True)
 
     def stopped(signum: int, frame: FrameType | None) -> None:
         raise SystemExit(0)
@@ -218,12 +226,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # managers and `docker stop` call clean), not 143 or a KeyboardInterrupt.
     signal.signal(signal.SIGTERM, stopped)
     signal.signal(signal.SIGINT, stopped)
+    from .logs import log_config
+
     uvicorn.run(
         "app.main:app",
         host=args.host,
         port=args.port,
         reload=args.reload,
         log_level=args.log_level,
+        log_config=log_config(settings.log_format, args.log_level),
+        access_log=False,  # charnn.access writes them, with each request's id and route
         http="app.api.http_protocol:HeaderTimeoutProtocol",
         timeout_keep_alive=settings.keep_alive_s,
         timeout_graceful_shutdown=settings.shutdown_timeout_s,
@@ -347,6 +359,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
             "a worker needs CHARNN_BROKER_URL (Redis) and CHARNN_DATABASE_URL (PostgreSQL); "
             "without them `charnn serve` runs jobs itself"
         )
+    if settings.worker_metrics_port is not None:
+        _serve_worker_metrics(settings)
     from .jobs.tasks import worker_app
 
     celery_app = worker_app(settings)
@@ -363,6 +377,45 @@ def cmd_worker(args: argparse.Namespace) -> int:
     argv += ["--without-gossip"]
     celery_app.worker_main(argv)
     return 0
+
+
+def _serve_worker_metrics(settings: Any) -> None:
+    """/metrics of this worker and its pool processes, on ``worker_metrics_port``.
+
+    Training runs in Celery's pool processes, each with its own counters: in
+    prometheus-client's multiprocess mode they write them to files in a directory of
+    this worker's, and the main process adds them up when scraped. The mode must be
+    chosen before prometheus-client is first imported, here, before the pool forks.
+    """
+    import atexit
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="charnn-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    from .metrics import JOBS, job_gauges
+    from .store.postgres import PostgresStore
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=folder)  # type: ignore[no-untyped-call]
+    store = PostgresStore(settings.database_url)
+    JOBS.read = lambda: job_gauges(store)
+    registry.register(JOBS)
+    try:
+        start_http_server(settings.worker_metrics_port, registry=registry)
+    except OSError as e:
+        raise CliError(
+            f"cannot serve worker metrics on port {settings.worker_metrics_port}: {e.strerror or e}"
+        ) from None
+    print(
+        f"charnn: worker metrics on http://0.0.0.0:{settings.worker_metrics_port}/metrics",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def cmd_check(args: argparse.Namespace) -> int:

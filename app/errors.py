@@ -12,12 +12,13 @@ stack trace.
 from __future__ import annotations
 
 import logging
+from contextvars import ContextVar
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model.errors import CheckpointError, ConfigError, CorpusError, UnknownCharactersError
@@ -25,12 +26,18 @@ from model.errors import CheckpointError, ConfigError, CorpusError, UnknownChara
 from .store.base import QueueFullError, StoreError, StoreUnavailable
 
 log = logging.getLogger("charnn.errors")
+# The id of the request being answered (app/api/observe.py sets it): every error body
+# carries it, so a client's failure can be found in the server's log.
+REQUEST_ID: ContextVar[str | None] = ContextVar("charnn_request_id", default=None)
 
 
 class ErrorDetail(BaseModel):
     code: str
     message: str
     details: Any = None
+    request_id: str | None = Field(
+        None, description="this request's X-Request-ID: the server's log lines carry it too"
+    )
 
 
 class ErrorBody(BaseModel):
@@ -96,7 +103,8 @@ _MODEL_ERRORS: dict[type[Exception], tuple[int, str]] = {
 def error_response(
     status: int, code: str, message: str, details: Any = None, headers: dict[str, str] | None = None
 ) -> JSONResponse:
-    body = ErrorBody(error=ErrorDetail(code=code, message=message, details=details))
+    detail = ErrorDetail(code=code, message=message, details=details, request_id=REQUEST_ID.get())
+    body = ErrorBody(error=detail)
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 

@@ -16,15 +16,17 @@ on top of them, and stops them on shutdown:
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from threadpoolctl import threadpool_limits
 
-from .api import demo, health, hyperparameters, jobs, models
+from .api import demo, docs, health, hyperparameters, jobs, metrics, models
 from .api.deps import AppState
 from .api.limits import BodyLimitMiddleware
+from .api.observe import ObserveMiddleware
 from .api.openapi import install_openapi
 from .api.security import JsonCORSMiddleware, SecurityHeadersMiddleware
 from .api.shutdown import ShutdownWatch
@@ -33,11 +35,14 @@ from .jobs.events import EventHub
 from .jobs.runner import Runner
 from .jobs.schemas import JobCreate
 from .jobs.service import JobService
+from .metrics import JOBS, job_gauges
 from .serving.cache import ModelCache
 from .serving.schemas import GenerateIn, PredictIn, ScoreIn
 from .serving.service import ModelService
 from .settings import Settings, get_settings
-from .store.base import Store
+from .store.base import Store, StoreError
+
+log = logging.getLogger("charnn.main")
 
 
 async def _store_and_runner(settings: Settings, events: EventHub) -> tuple[Store, Runner]:
@@ -76,7 +81,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # numpy in the API process: one BLAS thread, the cores are for training jobs.
         blas = threadpool_limits(settings.api_blas_threads)
         events = EventHub(asyncio.get_running_loop())
-        store, runner = await _store_and_runner(settings, events)
+        try:
+            store, runner = await _store_and_runner(settings, events)
+        except StoreError as e:  # in use by another server, damaged: one line, no traceback
+            log.error("charnn cannot start: %s", e)
+            raise SystemExit(3) from None
 
         def shutting_down() -> None:
             events.close()  # every event stream ends now: nothing holds the shutdown up
@@ -85,6 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         watch = ShutdownWatch(asyncio.get_running_loop(), shutting_down)
         watch.install()
         cache = ModelCache(store, settings.model_cache_size)
+        JOBS.read = lambda: job_gauges(store)  # /metrics reads the job gauges from the store
         app.state.charnn = AppState(
             settings,
             store,
@@ -95,6 +105,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            JOBS.read = None
             watch.uninstall()
             watch.fire()
             await asyncio.to_thread(runner.stop)
@@ -106,6 +117,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Train character-level RNNs in numpy and serve their predictions.",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # app/api/docs.py serves both from installed assets, not a CDN
+        redoc_url=None,
     )
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
@@ -117,11 +130,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["Authorization", "X-API-Key", "Content-Type"],
         )
     app.add_middleware(SecurityHeadersMiddleware)
+    app.add_middleware(ObserveMiddleware)  # outermost: every answer has its id and metrics
     app.include_router(health.router)
+    app.include_router(metrics.router)
     app.include_router(jobs.router)
     app.include_router(hyperparameters.router)
     app.include_router(models.router)
     demo.mount(app)
+    docs.mount(app)
     install_openapi(app, [JobCreate, PredictIn, GenerateIn, ScoreIn])
     return app
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -178,6 +179,14 @@ class Settings(BaseSettings):
             "cut (event streams end at once); running jobs then get up to 10 s to checkpoint."
         ),
     )
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description=(
+            "`charnn serve`'s log lines: text, or json (one object per line: time, level, "
+            "logger, message; access lines add request_id, method, route, path, status, "
+            "duration_ms)."
+        ),
+    )
 
     database_url: str | None = Field(
         default=None,
@@ -199,6 +208,15 @@ class Settings(BaseSettings):
         ge=1,
         le=256,
         description="Training jobs each `charnn worker` runs at once (each uses one core).",
+    )
+    worker_metrics_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description=(
+            "Port on which each `charnn worker` serves its Prometheus metrics (its pool "
+            "processes' too, in prometheus-client's multiprocess mode); unset: none."
+        ),
     )
     heartbeat_s: float = Field(
         default=1.0,

@@ -31,10 +31,11 @@ class Served:
     url: str
     port: int
     data_dir: Path
+    stderr: str = ""  # everything the server wrote there, once it has stopped
 
 
 @contextmanager
-def charnn_serve(workdir: Path, **env: str) -> Iterator[Served]:
+def charnn_serve(workdir: Path, log_level: str = "warning", **env: str) -> Iterator[Served]:
     """`charnn serve` in the background, as the README starts it, on a free loopback port,
     with extra CHARNN_* settings. On exit it must stop cleanly on SIGTERM (exit 0) having
     printed where to point a browser."""
@@ -43,7 +44,7 @@ def charnn_serve(workdir: Path, **env: str) -> Iterator[Served]:
     base = {k: v for k, v in os.environ.items() if k != "CHARNN_API_KEY"}
     full_env = {**base, "CHARNN_JOB_THREADS": "1", "CHARNN_MAX_CONCURRENT_JOBS": "1", **env}
     cmd = [str(CHARNN), "serve", "--port", str(port), "--data-dir", str(data_dir)]
-    cmd += ["--log-level", "warning"]
+    cmd += ["--log-level", log_level]
     workdir.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(cmd, cwd=workdir, env=full_env, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -58,10 +59,13 @@ def charnn_serve(workdir: Path, **env: str) -> Iterator[Served]:
             assert proc.poll() is None, "charnn serve exited"
             assert time.monotonic() < deadline, "charnn serve did not start"
             time.sleep(0.1)
-        yield Served(url, port, data_dir)
+        served = Served(url, port, data_dir)
+        yield served
     finally:
         proc.send_signal(signal.SIGTERM)
         _, banner = proc.communicate(timeout=30)
+        if "served" in locals():
+            served.stderr = banner
     assert proc.returncode == 0, banner  # a clean shutdown
     assert f"open http://127.0.0.1:{port}/ in a browser" in banner
 

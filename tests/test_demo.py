@@ -644,3 +644,46 @@ def test_api_key(tmp_path: Path, ui: Ui) -> None:
         ui.shot("cancelled")
         ui.assert_clean()
         page.close()  # before the server stops: no EventSource left to retry against it
+
+
+def test_api_docs_work_offline(server: Served, browser: Browser) -> None:
+    """/docs and /redoc with every request to another origin refused (an air-gapped
+    cluster): the operations render and "Try it out" reaches the server."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    context.set_default_timeout(UI_TIMEOUT)
+    refused: list[str] = []
+
+    def only_this_origin(route: Any) -> None:
+        url = route.request.url
+        if url.startswith(server.url + "/") or url.startswith("data:"):
+            route.continue_()
+        else:
+            refused.append(url)
+            route.abort()
+
+    context.route("**/*", only_this_origin)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    try:
+        page.goto(server.url + "/docs")
+        operations = page.locator(".opblock")
+        expect(operations.first).to_be_visible()
+        assert operations.count() >= 15, operations.count()
+        health = page.locator("#operations-health-healthz_healthz_get")
+        health.locator(".opblock-summary").click()
+        health.get_by_role("button", name="Try it out").click()
+        health.get_by_role("button", name="Execute").click()
+        status = health.locator(".live-responses-table tbody .response-col_status")
+        expect(status.first).to_have_text("200")
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=ARTIFACTS / "docs-offline.png")
+
+        page.goto(server.url + "/redoc")
+        expect(page.locator("h1").first).to_contain_text("charnn")
+        expect(page.get_by_text("POST /jobs").first).to_be_attached()
+        page.screenshot(path=ARTIFACTS / "redoc-offline.png")
+        assert refused == [], f"the docs asked another origin for {refused}"
+        assert errors == [], errors
+    finally:
+        context.close()

@@ -668,6 +668,22 @@ def test_a_second_server_on_the_same_data_directory_refuses_to_start(
         cwd=ROOT,
     )
     assert plain.returncode != 0 and "in use by another charnn server" in plain.stderr
+    # `uvicorn --workers 2` on a directory of its own: the second worker finds the first
+    # one's lock, says so in one line, and uvicorn stops the whole server
+    workers = subprocess.run(
+        [sys.executable, "-m", "uvicorn", "app.main:app", "--workers", "2"]
+        + ["--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env={**env, "CHARNN_DATA_DIR": str(tmp_path / "two-workers")},
+        cwd=ROOT,
+    )
+    said = [ln for ln in workers.stderr.splitlines() if ln.startswith("charnn cannot start")]
+    assert len(said) == 1, workers.stderr[-3000:]  # (uvicorn's parent itself exits 0)
+    assert "stopping the parent process" in workers.stderr
+    assert f"the data directory {tmp_path / 'two-workers'} is in use by another" in said[0]
+    assert re.search(r"\(pid \d+\)", said[0])
     assert job(first.url, running)["status"] == "running"
     httpx.post(f"{first.url}/jobs/{running}/cancel")
     assert wait_job(first.url, running, ("cancelled",))["status"] == "cancelled"

@@ -27,6 +27,7 @@ EXAMPLES = 20  # per operation: about 300 requests in all, ~10 s
 OPERATIONS = [
     "GET /healthz",
     "GET /readyz",
+    "GET /metrics",
     "POST /jobs",
     "GET /hyperparameters",
     "GET /jobs",

@@ -55,6 +55,10 @@ def commands(block: str) -> list[str]:
 
 # Commands the README shows that this file does not run, and what runs them instead.
 COVERED_ELSEWHERE = {
+    "curl -si http://127.0.0.1:8000/models/nope -H 'X-Request-ID: trace-me-1' | grep -i request": (
+        "tests/test_observability.py::test_json_logs_are_one_object_per_line_with_the_request_id"
+        " and tests/app/api/test_observe.py send X-Request-ID and read it back"
+    ),
     "python3 -m venv .venv && . .venv/bin/activate && pip install -e . && charnn serve": (
         ".ci/run installs the package the same way; tests/conftest.py:charnn_server runs "
         "`charnn serve` (tests/test_cli.py, test_readme_curl_walkthrough_runs)"

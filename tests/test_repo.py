@@ -47,6 +47,8 @@ LAYERS: dict[str, int] = {
     "model": 0,
     "app.domain": 1,
     "app.settings": 2,
+    "app.metrics": 2,
+    "app.logs": 2,
     "app.store": 3,
     "app.errors": 4,
     "app.jobs": 5,

@@ -25,8 +25,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import CHARNN, ROOT, Served, charnn_serve
+from .conftest import CHARNN, ROOT, Served, charnn_serve, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -67,6 +68,7 @@ def _check_servers() -> None:
 class Worker:
     proc: subprocess.Popen[bytes]
     log: Path
+    metrics_url: str = ""
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -101,15 +103,16 @@ class Cluster:
         n = len(self.workers) + 1
         log = self.workdir / f"worker-{n}.log"
         cmd = [str(CHARNN), "worker", "--concurrency", "1", "--loglevel", "info"]
+        port = free_port()
         with log.open("wb") as out:
             proc = subprocess.Popen(
                 cmd,
-                env={**os.environ, **self.env},
+                env={**os.environ, **self.env, "CHARNN_WORKER_METRICS_PORT": str(port)},
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: kill9() takes the children too
             )
-        worker = Worker(proc, log)
+        worker = Worker(proc, log, f"http://127.0.0.1:{port}/metrics")
         self.workers.append(worker)
         self.stack.callback(worker.stop)
         wait_for(lambda: " ready." in worker.text() or proc.poll() is not None, 60, "worker up")
@@ -193,7 +196,25 @@ def follow(url: str, job_id: str) -> list[tuple[str, dict[str, Any]]]:
     return events
 
 
+def finished_on_workers(cluster: Cluster) -> float:
+    """charnn_jobs_finished_total{outcome="succeeded"} summed over the live workers'
+    metrics ports (their pool processes count, in multiprocess mode)."""
+    total = 0.0
+    for w in cluster.workers:
+        if w.proc.poll() is not None:
+            continue
+        text = httpx.get(w.metrics_url, timeout=30).text
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "charnn_jobs_finished_total" and sample.labels == {
+                    "outcome": "succeeded"
+                }:
+                    total += sample.value
+    return total
+
+
 def test_submit_on_one_replica_follow_on_the_other_predict_on_both(cluster: Cluster) -> None:
+    finished_before = finished_on_workers(cluster)
     job_id = submit(cluster.a.url, TINY)
     events = follow(cluster.b.url, job_id)
     kind, final = events[-1]
@@ -207,6 +228,10 @@ def test_submit_on_one_replica_follow_on_the_other_predict_on_both(cluster: Clus
     assert answers[0]["model"] == model_id and answers[0] == answers[1]
     points = httpx.get(f"{cluster.a.url}/jobs/{job_id}/metrics").json()["points"]
     assert points and points[-1]["step"] == 200
+    # each worker exports its own metrics: the job is counted once, by the one that ran it
+    assert finished_on_workers(cluster) - finished_before == 1
+    replica = httpx.get(f"{cluster.b.url}/metrics").text  # replicas read the shared store
+    assert 'charnn_jobs{status="succeeded"}' in replica
 
 
 def test_a_killed_worker_s_job_resumes_on_the_other_from_its_checkpoint(

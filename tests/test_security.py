@@ -20,7 +20,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
-from app.api import health, hyperparameters, jobs, models
+from app.api import health, hyperparameters, jobs, metrics, models
 from app.api.deps import require_api_key
 from app.main import create_app
 from model.checkpoint import ModelCheckpoint, model_to_bytes
@@ -74,7 +74,7 @@ def test_every_operation_is_classified_and_every_mutation_is_guarded(tmp_path: P
     # The routers' own routes (FastAPI wraps included routers; these are the originals).
     routes = [
         r
-        for m in (jobs, models, health, hyperparameters)
+        for m in (jobs, models, health, hyperparameters, metrics)
         for r in m.router.routes
         if isinstance(r, APIRoute)
     ]

@@ -5,8 +5,9 @@ sniffed into HTML) and ``Referrer-Policy: no-referrer``; every response but the
 API documentation pages also carries a Content-Security-Policy that allows only
 this origin's own scripts, styles and connections, and forbids framing (the demo
 page ships no inline script or style, so it runs under it unchanged).
-``/docs`` and ``/redoc`` load FastAPI's Swagger UI and ReDoc, whose inline
-scripts that policy would block, so they get only the framing ban.
+``/docs`` and ``/redoc`` (Swagger UI and ReDoc, from assets served here: see
+``docs.py``) start with inline scripts that policy would block, so they get only
+the framing ban.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class SecurityHeadersMiddleware:
                 headers.setdefault("X-Content-Type-Options", "nosniff")
                 headers.setdefault("Referrer-Policy", "no-referrer")
                 headers.setdefault("X-Frame-Options", "DENY")
-                if not docs:
+                if not docs:  # the doc pages set their own (app/api/docs.py)
                     headers.setdefault("Content-Security-Policy", CSP)
             await send(message)
 

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from model.errors import CheckpointError
 
 from ..domain import JobStatus, ModelLimits
+from ..metrics import JOBS_FINISHED, JOBS_STARTED
 from ..store.base import JobRecord, MetricPoint, ModelRecord, NewModel, Store, StoreError
 from ..store.validation import validate_model_bytes
 from .body import JobSpec
@@ -178,6 +179,7 @@ class Lifecycle:
         )
 
     def started(self, run: Run) -> None:
+        JOBS_STARTED.inc()
         self.announce(run.job.id, {"type": "status", "status": "running"})
 
     def handle(self, run: Run, m: dict[str, Any]) -> None:
@@ -275,6 +277,7 @@ class Lifecycle:
             log.warning("job %s: not this run's to finish any more", run.job.id)
             run.lost = True
             return None
+        JOBS_FINISHED.labels(outcome.status).inc()
         fields: dict[str, Any] = {}
         if isinstance(result, ModelRecord):
             fields["model_id"] = result.id

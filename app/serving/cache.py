@@ -21,6 +21,7 @@ import numpy as np
 from model.checkpoint import ModelCheckpoint, model_from_bytes
 from model.inference import InferenceWeights, initial_state
 
+from ..metrics import MODEL_CACHE, MODELS_LOADED
 from ..store.base import ModelRecord, Store
 
 PREFIX_LOOKBACK = 8  # how many characters back to look for a cached prefix
@@ -106,6 +107,7 @@ class ModelCache:
         loaded = self.cached(model_id)
         if loaded is not None:
             return loaded
+        MODEL_CACHE.labels("miss").inc()
         data = self.store.read_model_bytes(model_id)
         if data is None:
             return None
@@ -114,8 +116,10 @@ class ModelCache:
             self._models[model_id] = loaded
             while len(self._models) > self.max_models:
                 self._models.popitem(last=False)
+            MODELS_LOADED.set(len(self._models))
         return loaded
 
     def forget(self, model_id: str) -> None:
         with self._lock:
             self._models.pop(model_id, None)
+            MODELS_LOADED.set(len(self._models))

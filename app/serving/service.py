@@ -31,6 +31,7 @@ from model.params import hidden_size_for
 
 from ..domain import ModelLimits, Name
 from ..errors import Invalid, NotFound, Unavailable
+from ..metrics import GENERATIONS, MODEL_CACHE, PREDICTIONS, SCORES
 from ..store.base import ModelRecord, Store, readable
 from ..store.validation import validate_model_bytes
 from . import slices
@@ -110,7 +111,9 @@ class ModelService:
                 raise NotFound("there is no trained model yet: train one with POST /jobs")
             raise NotFound(f"no model with id or name {ref[:64]!r}")
         loaded = self.cache.cached(record.id)
-        if loaded is None:
+        if loaded is not None:
+            MODEL_CACHE.labels("hit").inc()
+        else:
             try:
                 loaded = await run_in_threadpool(self.cache.get, record.id)
             except CheckpointError:  # it was valid when stored: the file was damaged since
@@ -133,6 +136,7 @@ class ModelService:
         if body.top_k is not None:
             order = order[: body.top_k]
         chars, top = vocab.chars, significant(probs[order])
+        PREDICTIONS.labels(loaded.id).inc()
         return PredictOut(
             model=loaded.id,
             text=body.text,
@@ -159,6 +163,7 @@ class ModelService:
             seed=body.seed,
             stop=body.stop,
         )
+        GENERATIONS.labels(loaded.id).inc()
         return loaded, stream
 
     async def generate(self, body: GenerateIn) -> GenerateOut:
@@ -193,6 +198,7 @@ class ModelService:
         loaded = await self.loaded(body.model)
         logprobs = await slices.score_text(loaded, body.text)
         s = score_summary(logprobs)
+        SCORES.labels(loaded.id).inc()
         return ScoreOut(
             model=loaded.id,
             chars=s.chars,

@@ -19,6 +19,7 @@ import numpy as np
 
 from model.inference import SampleStream, advance, score_from
 
+from ..metrics import CHARS_STEPPED, PREFIX_CACHE
 from .cache import LoadedModel
 
 SLICE_MACS = 4_000_000  # multiply-adds per slice: ~0.25 ms here (61 steps at H=256)
@@ -36,9 +37,11 @@ async def state_after(loaded: LoadedModel, text: str) -> np.ndarray:
     Only the text after the cached prefix is encoded: a cached prefix was valid.
     """
     start, h = loaded.cached_prefix(text)
+    PREFIX_CACHE.labels("hit" if start else "miss").inc()
     if start == len(text):
         return h
     ids = loaded.ckpt.vocab.encode(text[start:])
+    CHARS_STEPPED.inc(len(ids))
     n = slice_steps(loaded.weights.n_a)
     for i in range(0, len(ids), n):
         if i:
@@ -51,7 +54,9 @@ async def state_after(loaded: LoadedModel, text: str) -> np.ndarray:
 async def sample_slice(stream: SampleStream, n_a: int) -> list[str]:
     """The next slice of a sample stream's characters ([] when it is done)."""
     await asyncio.sleep(0)
-    return list(itertools.islice(stream, slice_steps(n_a)))
+    chunk = list(itertools.islice(stream, slice_steps(n_a)))
+    CHARS_STEPPED.inc(len(chunk))
+    return chunk
 
 
 async def sample_all(stream: SampleStream, n_a: int) -> str:
@@ -64,6 +69,7 @@ async def sample_all(stream: SampleStream, n_a: int) -> str:
 async def score_text(loaded: LoadedModel, text: str) -> np.ndarray:
     """Log-probability of each character of ``text`` (the first from the empty prefix)."""
     ids = loaded.ckpt.vocab.encode(text)
+    CHARS_STEPPED.inc(len(ids))
     w = loaded.weights
     h = np.zeros(w.n_a, dtype=w.dtype)
     n = slice_steps(w.n_a)

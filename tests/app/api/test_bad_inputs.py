@@ -42,7 +42,9 @@ def refused(r: httpx.Response, status: int, code: str | None, *words: str) -> No
     """Status, the error shape, the code, and the words the message must hold."""
     assert r.status_code == status, r.text
     body = r.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "details"}
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"code", "message", "details", "request_id"}
+    assert body["error"]["request_id"] == r.headers["x-request-id"]
     if code is not None:
         assert body["error"]["code"] == code, body
     else:

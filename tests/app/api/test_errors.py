@@ -61,6 +61,7 @@ def test_api_errors_have_the_shape_status_and_headers() -> None:
             "code": "conflict",
             "message": "job abc is already finished",
             "details": {"status": "succeeded"},
+            "request_id": None,  # set by app/api/observe.py, which this bare app lacks
         }
     }
     r = call("GET", "/full")

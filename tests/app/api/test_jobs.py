@@ -167,7 +167,7 @@ def test_bad_input_is_a_422_saying_what_is_wrong(
     r = run(go())
     assert r.status_code == 422, r.text
     assert message in r.text
-    assert set(r.json()["error"]) == {"code", "message", "details"}
+    assert set(r.json()["error"]) == {"code", "message", "details", "request_id"}
 
 
 def test_raw_bodies_lone_surrogates_invalid_utf8_and_ids(tmp_path: Path) -> None:
