@@ -162,6 +162,47 @@ def advance(params: Weights, h: np.ndarray, ids: IdsLike) -> np.ndarray:
     return out
 
 
+def advance_many(
+    params: Weights, states: Sequence[np.ndarray], sequences: Sequence[IdsLike]
+) -> list[np.ndarray]:
+    """``advance`` for many sequences at once: one (B, n_a) x (n_a, n_a) product per time
+    step for the B sequences still running, instead of B vector products.
+
+    Sequences of any lengths: they are stepped longest first, so the ones still running
+    are always the first rows and none is padded. Returns new (n_a,) states, in the
+    order given; equal to ``advance`` one by one up to float32 rounding (a GEMM sums
+    in another order than a GEMV).
+    """
+    if len(states) != len(sequences):
+        raise ValueError(f"{len(states)} states for {len(sequences)} sequences")
+    w = InferenceWeights.of(params)
+    for h in states:
+        _check_state(w, h)
+    idx = [_check_ids(w, ids) for ids in sequences]
+    order = sorted(range(len(idx)), key=lambda i: -idx[i].size)
+    lengths = np.array([idx[i].size for i in order], dtype=np.intp)
+    B, T = len(order), int(lengths[0]) if len(order) else 0
+    H = np.empty((B, w.n_a), dtype=w.dtype)
+    for row, i in enumerate(order):
+        H[row] = states[i]
+    out: list[np.ndarray] = [np.empty(0)] * B
+    if T:
+        padded = np.zeros((B, T), dtype=np.intp)
+        for row, i in enumerate(order):
+            padded[row, : idx[i].size] = idx[i]
+        # running[t]: how many sequences are longer than t (lengths are descending)
+        running = np.searchsorted(-lengths, -np.arange(1, T + 1), side="right")
+        buf = np.empty_like(H)
+        for t in range(T):
+            b = int(running[t])
+            np.dot(H[:b], w.WaaT, out=buf[:b])
+            buf[:b] += w.emb[padded[:b, t]]
+            np.tanh(buf[:b], out=H[:b])
+    for row, i in enumerate(order):
+        out[i] = H[row].copy()
+    return out
+
+
 # --------------------------------------------------------------------------- distributions
 
 

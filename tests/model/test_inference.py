@@ -15,6 +15,7 @@ from model.errors import UnknownCharactersError
 from model.inference import (
     InferenceWeights,
     advance,
+    advance_many,
     entropy_bits,
     initial_state,
     iter_sample,
@@ -450,3 +451,27 @@ def test_bad_arrays() -> None:
         advance(p, h, np.array([0.0, 1.0]))
     with pytest.raises(ValueError, match="vocabulary"):
         sample(p, Vocab.from_text("ab"), "a", max_chars=3)
+
+
+@pytest.mark.parametrize("batch", [1, 7, 64])
+@pytest.mark.parametrize(("dtype", "tol"), [("float32", 1e-6), ("float64", 1e-12)])
+def test_advance_many_equals_advance_one_by_one(batch: int, dtype: str, tol: float) -> None:
+    """The batched recurrence (one GEMM per step for the sequences still running) gives
+    each sequence the state ``advance`` gives it alone, whatever the lengths (0 too)."""
+    rng = np.random.default_rng(batch)
+    p = init_params(32, 11, rng, dtype)
+    states = [rng.standard_normal(32).astype(dtype) * 0.5 for _ in range(batch)]
+    lengths = [0, 1, 200, *rng.integers(0, 120, size=batch).tolist()][:batch]
+    seqs = [rng.integers(0, 11, size=n) for n in lengths]
+    kept = [s.copy() for s in states]
+    got = advance_many(p, states, seqs)
+    assert len(got) == batch
+    for h, ids, out, before in zip(states, seqs, got, kept, strict=True):
+        assert out.dtype == np.dtype(dtype) and out is not h
+        np.testing.assert_allclose(out, advance(p, h, ids), rtol=0, atol=tol)
+        np.testing.assert_array_equal(h, before)  # the inputs are left alone
+    assert advance_many(p, [], []) == []
+    with pytest.raises(ValueError, match="2 states for 1 sequences"):
+        advance_many(p, states[:1] * 2, seqs[:1])
+    with pytest.raises(ValueError, match="hidden state must have shape"):
+        advance_many(p, [np.zeros(3)], [[1]])
