@@ -113,6 +113,10 @@ class ModelCache:
             return None
         loaded = LoadedModel(model_id, model_from_bytes(data), self.max_states)
         with self._lock:
+            first = self._models.get(model_id)
+            if first is not None:  # another request loaded it meanwhile: share that one
+                self._models.move_to_end(model_id)  # (and its prefix cache)
+                return first
             self._models[model_id] = loaded
             while len(self._models) > self.max_models:
                 self._models.popitem(last=False)
