@@ -300,10 +300,22 @@ def immutable(*dirs: Path) -> Iterator[None]:
         subprocess.run(["chattr", "-i", *map(str, dirs)], check=False)
 
 
-def fill(path: Path) -> Path:
-    """Write until the filesystem says ENOSPC; the filler file."""
+RESERVE = 2 << 20  # what a filler holds from the start: freeing it always frees this much
+
+
+def reserve(path: Path) -> Path:
+    """The filler file, made (holding RESERVE bytes) while the disk still has room: a
+    server writing fast (a job's metric points) may fill a small disk before ``fill``
+    runs, and then neither creating a file nor freeing one would be possible."""
     filler = path / "filler"
-    with open(filler, "wb") as f:
+    filler.write_bytes(b"\0" * RESERVE)
+    return filler
+
+
+def fill(path: Path) -> Path:
+    """Write until the filesystem says ENOSPC; the filler file (``reserve``'s, if made)."""
+    filler = path / "filler"
+    with open(filler, "ab") as f:
         try:
             while True:
                 f.write(b"\0" * (1 << 16))
@@ -565,6 +577,7 @@ def test_a_disk_that_fills_during_training_fails_the_job_in_plain_words(
     outcome can be written: at the latest when space is freed, with no restart), never
     stays ``running``, and the next job trains."""
     with tmpfs(tmp_path / "disk", "24m") as disk:
+        reserve(disk)
         server = start(data_dir=disk)
         job_id = submit(server.url, {**LONG, "hidden_size": 64})
         state = disk / "jobs" / job_id / "state.npz"
