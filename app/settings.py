@@ -267,6 +267,18 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def hyperparameter_ceilings(self) -> dict[str, float]:
+        """This server's ceiling of each hyperparameter that has one (the HTTP API's
+        absolute bounds may be higher): checked at submit, shown by GET /hyperparameters."""
+        return {
+            "hidden_size": self.max_hidden_size,
+            "seq_length": self.max_seq_length,
+            "batch_size": self.max_batch_size,
+            "max_steps": self.max_steps,
+            "time_limit_s": self.max_time_limit_s,
+        }
+
+    @property
     def model_limits(self) -> ModelLimits:
         """The ceilings every stored model meets, uploaded or trained."""
         return ModelLimits(self.max_hidden_size, self.max_vocab_size, self.max_model_bytes)

@@ -32,14 +32,7 @@ def hyperparameters(
 ) -> HyperparametersInfo:
     """Every hyperparameter ``POST /jobs`` takes, with its default and this server's
     bounds; with ``corpus_chars``, settings that suit a text of that size."""
-    s = state.settings
-    ceilings = {
-        "hidden_size": s.max_hidden_size,
-        "seq_length": s.max_seq_length,
-        "batch_size": s.max_batch_size,
-        "max_steps": s.max_steps,
-        "time_limit_s": s.max_time_limit_s,
-    }
+    ceilings = state.settings.hyperparameter_ceilings
     infos = [
         HyperparameterInfo(
             name=h.name,

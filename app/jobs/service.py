@@ -199,18 +199,14 @@ class JobService:
         return job_out(job)
 
     def _check_ceilings(self, body: JobCreate) -> None:
-        s, hp = self.settings, body.hyperparameters
+        s, hp = self.settings, body.hyperparameters.model_dump()
         problems = [
-            f"{name} {value} is over this server's limit of {limit}"
-            for name, value, limit in (
-                ("hidden_size", hp.hidden_size, s.max_hidden_size),
-                ("seq_length", hp.seq_length, s.max_seq_length),
-                ("batch_size", hp.batch_size, s.max_batch_size),
-                ("max_steps", hp.max_steps or 0, s.max_steps),
-                ("time_limit_s", hp.time_limit_s or 0, s.max_time_limit_s),
-            )
-            # with init_from the base model decides the hidden size (checked in submit)
-            if value > limit and not (name == "hidden_size" and body.init_from is not None)
+            f"{name} {hp[name]} is over this server's limit of {limit}"
+            for name, limit in s.hyperparameter_ceilings.items()
+            # unset (null) has no size; with init_from the base model decides the hidden
+            # size (checked in submit)
+            if (hp[name] or 0) > limit
+            and not (name == "hidden_size" and body.init_from is not None)
         ]
         if len(body.corpus) > s.max_corpus_chars:
             problems.append(
