@@ -36,7 +36,7 @@ from .jobs.runner import Runner
 from .jobs.schemas import JobCreate
 from .jobs.service import JobService
 from .metrics import JOBS, job_gauges
-from .serving.cache import ModelCache
+from .serving.cache import BatchLimits, ModelCache
 from .serving.schemas import GenerateIn, PredictIn, ScoreIn
 from .serving.service import ModelService
 from .settings import Settings, get_settings
@@ -93,7 +93,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         watch = ShutdownWatch(asyncio.get_running_loop(), shutting_down)
         watch.install()
-        cache = ModelCache(store, settings.model_cache_size)
+        batching = BatchLimits(settings.max_batch, settings.max_batch_delay_ms / 1000)
+        cache = ModelCache(store, settings.model_cache_size, batch_limits=batching)
         JOBS.read = lambda: job_gauges(store)  # /metrics reads the job gauges from the store
         app.state.charnn = AppState(
             settings,

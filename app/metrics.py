@@ -54,6 +54,11 @@ PREFIX_CACHE = Counter(
     "Prefix hidden-state cache lookups, by result (hit: some prefix of the text was cached).",
     ["result"],
 )
+BATCH_ROWS = Histogram(
+    "charnn_batch_rows",
+    "Requests stepped together in one slice of a model's batch (app/serving/batcher.py).",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
 MODELS_LOADED = Gauge("charnn_models_loaded", "Models held in memory for predictions.")
 
 # ------------------------------------------------------------------ jobs (app/jobs/lifecycle.py)

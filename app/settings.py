@@ -141,6 +141,25 @@ class Settings(BaseSettings):
     model_cache_size: int = Field(
         default=8, ge=0, le=1024, description="Loaded models kept in memory for predictions."
     )
+    max_batch: int = Field(
+        default=64,
+        ge=1,
+        le=4096,
+        description=(
+            "Requests for one model whose RNN steps run together, one GEMM per step "
+            "(uncached /predict prefixes, /score, /generate); 1 turns batching off."
+        ),
+    )
+    max_batch_delay_ms: float = Field(
+        default=0.0,
+        ge=0,
+        le=1000,
+        allow_inf_nan=False,
+        description=(
+            "Milliseconds a batch waits for more requests before it steps; 0: batch what is "
+            "already waiting (Triton's max_queue_delay)."
+        ),
+    )
     api_blas_threads: int = Field(
         default=1,
         ge=1,

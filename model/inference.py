@@ -23,7 +23,7 @@ lose digits that perplexity and sampling thresholds care about.
 from __future__ import annotations
 
 import math
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -42,11 +42,16 @@ __all__ = [
     "InferenceWeights",
     "SampleStream",
     "ScoreSummary",
+    "Chooser",
     "advance",
+    "advance_many",
+    "advance_rows",
     "entropy_bits",
     "initial_state",
     "iter_sample",
     "log_softmax",
+    "logprobs_of",
+    "make_chooser",
     "next_distribution",
     "sample",
     "score",
@@ -203,6 +208,52 @@ def advance_many(
     return out
 
 
+def advance_rows(
+    params: Weights,
+    h0: np.ndarray,
+    ids: np.ndarray,
+    running: Sequence[int] | npt.NDArray[np.integer],
+    out: np.ndarray,
+    choose: Callable[[int, F64], Sequence[int]] | None = None,
+    n_choose: int = 0,
+) -> None:
+    """Step B sequences T steps at once, one (b, n_a) x (n_a, n_a) product per step.
+
+    ``h0`` (B, n_a) holds the states before; ``out[t, :running[t]]`` receives the states
+    after step t of the rows still running (``running`` is non-increasing, so those are
+    always the first rows and nothing is padded). Row r's input at step t is
+    ``ids[r, t]``, except for the first ``n_choose`` rows (sampling streams, which run
+    all T steps): ``choose(t, logits)`` gets their float64 logits from the state before
+    step t, (n_choose, n_y), and returns their inputs. The server's batcher calls this
+    with whatever requests are waiting; arrays are trusted (no checks: the hot path).
+    """
+    w = InferenceWeights.of(params)
+    emb, WaaT = w.emb, w.WaaT
+    buf = np.empty_like(h0)
+    prev = h0
+    for t in range(ids.shape[1]):
+        b = int(running[t])
+        if n_choose and choose is not None:
+            logits = (np.dot(prev[:n_choose], w.WyaT) + w.by).astype(np.float64)
+            ids[:n_choose, t] = choose(t, logits)
+        np.dot(prev[:b], WaaT, out=buf[:b])
+        buf[:b] += emb[ids[:b, t]]
+        np.tanh(buf[:b], out=out[t, :b])
+        prev = out[t]
+
+
+def logprobs_of(params: Weights, before: np.ndarray, ids: IdsLike) -> F64:
+    """log p(ids[t] | the state before[t]) for states (T, n_a): one output-layer GEMM."""
+    w = InferenceWeights.of(params)
+    idx = np.asarray(ids, dtype=np.intp)
+    if idx.size == 0:
+        return np.empty(0, dtype=np.float64)
+    logits = before @ w.WyaT
+    logits += w.by
+    out: F64 = log_softmax(logits)[np.arange(idx.size), idx]
+    return out
+
+
 # --------------------------------------------------------------------------- distributions
 
 
@@ -319,48 +370,73 @@ def _held_suffix(text: str, stops: tuple[str, ...], longest: int) -> int:
     return 0
 
 
-def _generate(
-    w: InferenceWeights,
-    vocab: Vocab,
-    prompt_ids: npt.NDArray[np.intp],
-    max_chars: int,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    rng: np.random.Generator,
-    stops: tuple[str, ...],
-    state: np.ndarray | None,
-) -> Generator[str, None, FinishReason]:
-    # h is updated in place below: never the caller's array
-    h = advance(w, initial_state(w), prompt_ids) if state is None else state.copy()
-    emb, WaaT, buf = w.emb, w.WaaT, np.empty_like(h)
-    longest = max((len(s) for s in stops), default=0)
-    pending = ""  # generated but not yet yielded: may be the start of a stop string
-    for n in range(max_chars):
-        logits = _logits(w, h)
-        if temperature == 0.0:  # greedy: no softmax, no randomness consumed
+class Chooser:
+    """One sample stream's choices: the next character from each distribution, and what
+    of the text may be released yet (characters that might begin a stop string are held
+    back until the following ones rule that out, so a stop string is never released).
+
+    Shared by :func:`iter_sample` (one stream) and a server stepping many streams in one
+    GEMM: the same seed then draws the same characters in both.
+    """
+
+    def __init__(
+        self,
+        vocab: Vocab,
+        max_chars: int,
+        temperature: float,
+        top_k: int | None,
+        top_p: float | None,
+        rng: np.random.Generator,
+        stops: tuple[str, ...],
+    ) -> None:
+        self.chars = vocab.chars
+        self.max_chars = max_chars
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.rng, self.stops = rng, stops
+        self.longest = max((len(s) for s in stops), default=0)
+        self.chosen = 0
+        self.pending = ""  # chosen but not yet released: may be the start of a stop string
+        self.finish_reason: FinishReason | None = "length" if max_chars == 0 else None
+
+    def choose(self, logits: F64) -> tuple[int, str]:
+        """(index chosen, text released by it) from float64 logits, which are overwritten.
+        Afterwards ``finish_reason`` is set if the stream is done: the index is then not
+        to be stepped."""
+        if self.temperature == 0.0:  # greedy: no softmax, no randomness consumed
             i = int(np.argmax(logits))
         else:
-            i = _draw(_truncate(_softmax_t(logits, temperature), top_k, top_p), rng)
-        if not stops:
-            yield vocab.chars[i]
-        else:
-            pending += vocab.chars[i]
-            hit = [s for s in stops if pending.endswith(s)]
+            probs = _softmax_t(logits, self.temperature)
+            i = _draw(_truncate(probs, self.top_k, self.top_p), self.rng)
+        self.chosen += 1
+        out = self.chars[i]
+        if self.stops:
+            pending = self.pending + out
+            hit = [s for s in self.stops if pending.endswith(s)]
             if hit:
                 # several may end here: cut at the earliest start, i.e. the longest
-                yield from pending[: len(pending) - max(len(s) for s in hit)]
-                return "stop"
-            k = _held_suffix(pending, stops, longest)
-            if k < len(pending):
-                yield from pending[: len(pending) - k]
-                pending = pending[len(pending) - k :]
-        if n + 1 < max_chars:  # the last state would never be used
+                self.finish_reason, self.pending = "stop", ""
+                return i, pending[: len(pending) - max(len(s) for s in hit)]
+            k = _held_suffix(pending, self.stops, self.longest)
+            out, self.pending = pending[: len(pending) - k], pending[len(pending) - k :]
+        if self.chosen >= self.max_chars:
+            self.finish_reason = "length"
+            out, self.pending = out + self.pending, ""
+        return i, out
+
+
+def _generate(
+    w: InferenceWeights, chooser: Chooser, h: np.ndarray
+) -> Generator[str, None, FinishReason]:
+    h = h.copy()  # updated in place below: never the caller's array
+    emb, WaaT, buf = w.emb, w.WaaT, np.empty_like(h)
+    while chooser.finish_reason is None:
+        i, text = chooser.choose(_logits(w, h))
+        yield from text
+        if chooser.finish_reason is None:  # the last state would never be used
             np.dot(h, WaaT, out=buf)
             buf += emb[i]
             np.tanh(buf, out=h)
-    yield from pending
-    return "length"
+    return chooser.finish_reason
 
 
 class SampleStream(Iterator[str]):
@@ -413,22 +489,46 @@ def iter_sample(
     the state after ``prompt`` (e.g. from a server's prefix cache): the prompt is
     then checked but not stepped again. See :func:`sample`.
     """
+    chooser = make_chooser(
+        params,
+        vocab,
+        max_chars=max_chars,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        rng=rng,
+        stop=stop,
+    )
+    prompt_ids = _check_ids(params, vocab.encode(prompt))  # UnknownCharactersError
+    w = InferenceWeights.of(params)
+    if state is not None:
+        _check_state(w, state)
+    h = advance(w, initial_state(w), prompt_ids) if state is None else state
+    return SampleStream(_generate(w, chooser, h))
+
+
+def make_chooser(
+    params: Weights,
+    vocab: Vocab,
+    *,
+    max_chars: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    rng: np.random.Generator | None = None,
+    stop: str | Sequence[str] = (),
+) -> Chooser:
+    """A validated :class:`Chooser` (ValueError naming the argument) for the arguments
+    of :func:`sample`."""
     if len(vocab) != params.n_x:
         raise ValueError(f"vocabulary has {len(vocab)} characters, model expects {params.n_x}")
     if max_chars < 0:
         raise ValueError(f"max_chars must be >= 0, got {max_chars}")
     _check_sampling(temperature, top_k, top_p)
     stops = _normalise_stop(stop)
-    generator = _rng(seed, rng)
-    prompt_ids = _check_ids(params, vocab.encode(prompt))  # UnknownCharactersError
-    w = InferenceWeights.of(params)
-    if state is not None:
-        _check_state(w, state)
-    return SampleStream(
-        _generate(
-            w, vocab, prompt_ids, max_chars, temperature, top_k, top_p, generator, stops, state
-        )
-    )
+    return Chooser(vocab, max_chars, temperature, top_k, top_p, _rng(seed, rng), stops)
 
 
 def sample(
@@ -501,11 +601,7 @@ def score_from(params: Weights, h: np.ndarray, ids: IdsLike) -> tuple[F64, np.nd
     states[0] = h
     np.take(w.emb, idx, axis=0, out=states[1:])
     _recur_inplace(w.WaaT, states[0], states[1:])
-    logits = states[:T] @ w.WyaT
-    logits += w.by
-    logp = log_softmax(logits)
-    out: F64 = logp[np.arange(T), idx]
-    return out, states[T].copy()
+    return logprobs_of(w, states[:T], idx), states[T].copy()
 
 
 @dataclass(frozen=True)

@@ -92,7 +92,7 @@ class EventSubscriber:
             client = redis.Redis.from_url(
                 self.redis_url, socket_connect_timeout=5, health_check_interval=30
             )
-            pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+            pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call,unused-ignore]
             try:
                 pubsub.subscribe(self.channel)
                 self._subscribed.set()

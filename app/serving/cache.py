@@ -23,9 +23,16 @@ from model.inference import InferenceWeights, initial_state
 
 from ..metrics import MODEL_CACHE, MODELS_LOADED
 from ..store.base import ModelRecord, Store
+from .batcher import Batcher
 
 PREFIX_LOOKBACK = 8  # how many characters back to look for a cached prefix
 MAX_REFS = 1024  # distinct model references remembered between model changes
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    max_batch: int = 64
+    max_delay_s: float = 0.0
 
 
 @dataclass
@@ -33,12 +40,22 @@ class LoadedModel:
     id: str
     ckpt: ModelCheckpoint
     max_states: int
+    batch_limits: BatchLimits = field(default_factory=BatchLimits)
     weights: InferenceWeights = field(init=False)
     _states: OrderedDict[str, np.ndarray] = field(default_factory=OrderedDict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _batcher: Batcher | None = None
 
     def __post_init__(self) -> None:
         self.weights = InferenceWeights.of(self.ckpt.params)
+
+    @property
+    def batcher(self) -> Batcher:
+        """This model's batch (made on first use, on the event loop that serves it)."""
+        if self._batcher is None:
+            limits = self.batch_limits
+            self._batcher = Batcher(self.weights, limits.max_batch, limits.max_delay_s)
+        return self._batcher
 
     def cached_prefix(self, text: str) -> tuple[int, np.ndarray]:
         """(n, state after text[:n]) for the longest cached prefix at most
@@ -63,8 +80,15 @@ class LoadedModel:
 
 
 class ModelCache:
-    def __init__(self, store: Store, max_models: int, max_states: int = 4096) -> None:
+    def __init__(
+        self,
+        store: Store,
+        max_models: int,
+        max_states: int = 4096,
+        batch_limits: BatchLimits | None = None,
+    ) -> None:
         self.store = store
+        self.batch_limits = batch_limits or BatchLimits()
         self.max_models = max_models
         self.max_states = max_states
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
@@ -111,7 +135,7 @@ class ModelCache:
         data = self.store.read_model_bytes(model_id)
         if data is None:
             return None
-        loaded = LoadedModel(model_id, model_from_bytes(data), self.max_states)
+        loaded = LoadedModel(model_id, model_from_bytes(data), self.max_states, self.batch_limits)
         with self._lock:
             first = self._models.get(model_id)
             if first is not None:  # another request loaded it meanwhile: share that one

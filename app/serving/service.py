@@ -20,13 +20,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import TypeAdapter, ValidationError
 
 from model.errors import CheckpointError
-from model.inference import (
-    SampleStream,
-    entropy_bits,
-    iter_sample,
-    next_distribution,
-    score_summary,
-)
+from model.inference import Chooser, entropy_bits, make_chooser, next_distribution, score_summary
 from model.params import hidden_size_for
 
 from ..domain import ModelLimits, Name
@@ -146,16 +140,13 @@ class ModelService:
             entropy_bits=significant1(entropy_bits(probs)),
         )
 
-    async def _sampler(self, body: GenerateIn) -> tuple[LoadedModel, SampleStream]:
+    async def _sampler(self, body: GenerateIn) -> tuple[LoadedModel, np.ndarray, Chooser]:
         loaded = await self.loaded(body.model)
         if any(not s for s in body.stop):
             raise Invalid("stop strings must not be empty")
-        prompt_state = await slices.state_after(loaded, body.prompt)  # unknown characters: 422
-        stream = iter_sample(
+        chooser = make_chooser(
             loaded.weights,
             loaded.ckpt.vocab,
-            body.prompt,
-            state=prompt_state,
             max_chars=body.max_chars,
             temperature=body.temperature,
             top_k=body.top_k,
@@ -163,34 +154,39 @@ class ModelService:
             seed=body.seed,
             stop=body.stop,
         )
+        prompt_state = await slices.state_after(loaded, body.prompt)  # unknown characters: 422
         GENERATIONS.labels(loaded.id).inc()
-        return loaded, stream
+        return loaded, prompt_state, chooser
 
     async def generate(self, body: GenerateIn) -> GenerateOut:
-        loaded, stream = await self._sampler(body)
-        text = await slices.sample_all(stream, loaded.weights.n_a)
+        loaded, h, chooser = await self._sampler(body)
+        text = await slices.sample_all(loaded, h, chooser)
         if body.include_prompt:
             text = body.prompt + text
         return GenerateOut(
-            model=loaded.id, text=text, finish_reason=stream.finish_reason or "length"
+            model=loaded.id, text=text, finish_reason=chooser.finish_reason or "length"
         )
 
     async def generate_events(self, body: GenerateIn) -> AsyncIterator[Event]:
         """The sample as events: one ``chunk`` per character, then ``done``. Refusals (no
         such model, unknown characters) are raised here, before the first event."""
-        loaded, stream = await self._sampler(body)
+        loaded, h, chooser = await self._sampler(body)
 
         async def events() -> AsyncIterator[Event]:
             parts: list[str] = []
             if body.include_prompt and body.prompt:
                 parts.append(body.prompt)
                 yield "chunk", {"text": body.prompt}
-            while chunk := await slices.sample_slice(stream, loaded.weights.n_a):
-                for ch in chunk:
-                    parts.append(ch)
-                    yield "chunk", {"text": ch}
+            pieces = slices.sample(loaded, h, chooser)
+            try:
+                async for piece in pieces:
+                    for ch in piece:
+                        parts.append(ch)
+                        yield "chunk", {"text": ch}
+            finally:
+                await pieces.aclose()  # a client gone: leave the batch now
             final = {"model": loaded.id, "text": "".join(parts)}
-            yield "done", {**final, "finish_reason": stream.finish_reason or "length"}
+            yield "done", {**final, "finish_reason": chooser.finish_reason or "length"}
 
         return events()
 

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from app.serving import slices as serving
+from app.serving.batcher import slice_steps
 from model.checkpoint import ModelCheckpoint, model_to_bytes
 from model.inference import advance, initial_state, next_distribution, sample, score
 from model.params import init_params
@@ -164,10 +164,11 @@ def test_model_references_follow_uploads_and_deletes(tmp_path: Path) -> None:
 
 
 def test_long_inputs_are_stepped_in_slices_with_the_same_numbers(tmp_path: Path) -> None:
-    """At H=256 a slice is 61 steps: a 700-character prefix takes twelve, with the loop
-    free between them, and must give exactly what the model computes in one go."""
+    """At H=256 a lone request's slice is 61 steps: a 700-character prefix takes twelve,
+    with the loop free between them, and must give exactly what the model computes in
+    one go."""
     ckpt, data = checkpoint(3, hidden=256)
-    assert serving.slice_steps(256) == 61
+    assert slice_steps(256, rows=1) == 61
     text = (TEXT * 10)[:700]
     ids = ckpt.vocab.encode(text)
     p = ckpt.params
