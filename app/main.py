@@ -23,7 +23,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from threadpoolctl import threadpool_limits
 
-from .api import demo, docs, health, hyperparameters, jobs, metrics, models
+from .api import demo, docs, health, hyperparameters, jobs, metrics, models, sessions
 from .api.deps import AppState
 from .api.limits import BodyLimitMiddleware
 from .api.observe import ObserveMiddleware
@@ -87,8 +87,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.error("charnn cannot start: %s", e)
             raise SystemExit(3) from None
 
+        typing = sessions.SessionRegistry(settings.max_sessions, settings.session_idle_s)
+
         def shutting_down() -> None:
             events.close()  # every event stream ends now: nothing holds the shutdown up
+            typing.close_all()  # and every typing session
             runner.begin_stop()  # jobs checkpoint while the server drains its connections
 
         watch = ShutdownWatch(asyncio.get_running_loop(), shutting_down)
@@ -102,6 +105,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             runner,
             JobService(store, runner, events, settings),
             ModelService(store, cache, settings.model_limits, settings.max_body_bytes),
+            typing,
         )
         try:
             yield
@@ -137,6 +141,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(hyperparameters.router)
     app.include_router(models.router)
+    app.include_router(sessions.router)
     demo.mount(app)
     docs.mount(app)
     install_openapi(app, [JobCreate, PredictIn, GenerateIn, ScoreIn])

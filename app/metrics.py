@@ -60,6 +60,17 @@ BATCH_ROWS = Histogram(
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
 MODELS_LOADED = Gauge("charnn_models_loaded", "Models held in memory for predictions.")
+SESSIONS_OPEN = Gauge("charnn_sessions_open", "Typing sessions (WebSocket /sessions) open.")
+SESSION_MESSAGES = Counter(
+    "charnn_session_messages_total",
+    "Typing-session messages answered, by operation (invalid: refused, the session unchanged).",
+    ["op"],
+)
+SESSIONS_CLOSED = Counter(
+    "charnn_sessions_closed_total",
+    "Typing sessions ended, by reason (client, idle, full, shutdown, refused).",
+    ["reason"],
+)
 
 # ------------------------------------------------------------------ jobs (app/jobs/lifecycle.py)
 JOBS_STARTED = Counter("charnn_jobs_started_total", "Training jobs started (or resumed).")

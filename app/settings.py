@@ -160,6 +160,37 @@ class Settings(BaseSettings):
             "already waiting (Triton's max_queue_delay)."
         ),
     )
+    max_sessions: int = Field(
+        default=256,
+        ge=0,
+        le=100_000,
+        description=(
+            "Typing sessions (WebSocket /sessions) open at once per server process; "
+            "beyond, a new one is closed with code 4429."
+        ),
+    )
+    session_idle_s: float = Field(
+        default=300.0,
+        gt=0,
+        le=86_400,
+        allow_inf_nan=False,
+        description="Seconds a typing session may go without a message before it is closed (4408).",
+    )
+    session_history: int = Field(
+        default=64,
+        ge=0,
+        le=10_000,
+        description=(
+            "Hidden states a typing session keeps for `back` (one per last character); "
+            "backing up further recomputes the state."
+        ),
+    )
+    session_max_chars: int = Field(
+        default=100_000,
+        ge=1,
+        le=1_000_000,
+        description="Characters a typing session's text may hold.",
+    )
     api_blas_threads: int = Field(
         default=1,
         ge=1,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
 
@@ -14,6 +14,9 @@ from ..jobs.service import JobService
 from ..serving.service import ModelService
 from ..settings import Settings
 from ..store.base import Store
+
+if TYPE_CHECKING:
+    from .sessions import SessionRegistry
 
 
 @dataclass
@@ -25,6 +28,7 @@ class AppState:
     runner: Runner  # LocalRunner (embedded) or CeleryRunner (scale-out)
     jobs: JobService
     models: ModelService
+    sessions: SessionRegistry  # typing sessions open in this process (WebSocket /sessions)
 
 
 # Both dependencies are ``async def`` although they never await: FastAPI runs a

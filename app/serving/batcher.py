@@ -49,6 +49,8 @@ class _Work:
     ids: np.ndarray | None = None  # feeds and scores: all their inputs; samples: None
     pos: int = 0  # inputs stepped so far
     scored: list[np.ndarray] | None = None  # scores: log-probabilities so far
+    keep: int = 0  # feeds: how many of the last states after each input to keep
+    kept: list[np.ndarray] = field(default_factory=list)  # (k, n_a) blocks, oldest first
     chooser: Chooser | None = None
     chunks: asyncio.Queue[str | None] | None = None  # samples: released text; None: done
     done: asyncio.Future[np.ndarray] = field(
@@ -86,6 +88,15 @@ class Batcher:
         if ids.size == 0:
             return h
         return await self._submit(_Work(h, ids))
+
+    async def trail(self, h: np.ndarray, ids: np.ndarray, keep: int) -> np.ndarray:
+        """The states after each of the last ``keep`` of ``ids`` stepped from ``h``, oldest
+        first, as a (min(keep, len(ids)), n_a) array: its last row is the final state."""
+        if ids.size == 0 or keep <= 0:
+            return np.empty((0, self.w.n_a), dtype=self.w.dtype)
+        work = _Work(h, ids, keep=keep)
+        await self._submit(work)
+        return np.concatenate(work.kept)[-keep:]
 
     async def score(self, h: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """log p of each of ``ids`` given the ones before, starting from state ``h``."""
@@ -201,6 +212,10 @@ class Batcher:
                 assert x.ids is not None
                 before = np.concatenate([x.h[None], out[: k - 1, r]])
                 x.scored.append(logprobs_of(w, before, x.ids[x.pos : x.pos + k]))
+            if x.keep and x.ids is not None and x.ids.size - (x.pos + k) < x.keep:
+                # only the tail that can end up among the last ``keep`` states
+                first = max(0, x.ids.size - x.keep - x.pos)
+                x.kept.append(out[first:k, r].copy())
             x.h = out[k - 1, r].copy()
             if x.chooser is not None:
                 assert x.chunks is not None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -101,3 +101,96 @@ class ModelList(BaseModel):
     total: int
     limit: int
     offset: int
+
+
+# ------------------------------------------------------------------ typing sessions (WebSocket)
+MessageId = Annotated[str, Field(max_length=200)] | Annotated[int, Field(ge=-(2**63), lt=2**63)]
+SessionTopK = Field(None, ge=1, le=100_000, description="omitted: the session's top_k")
+
+
+class SessionOpen(BaseModel):
+    """The query of ``/sessions``: which model, and how to answer."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str | None = ModelRef
+    top_k: int | None = Field(
+        None, ge=1, le=100_000, description="characters per answer; omitted: the whole vocabulary"
+    )
+    temperature: float = Field(1.0, ge=0, le=100, allow_inf_nan=False)
+
+
+class _Op(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    id: MessageId | None = Field(None, description="echoed in the answer (string or integer)")
+    top_k: int | None = SessionTopK
+
+
+class FeedOp(_Op):
+    """Append characters to the session's text."""
+
+    op: Literal["feed"]
+    text: str = Field(min_length=1, max_length=100_000)
+
+
+class BackOp(_Op):
+    """Remove the last ``n`` characters."""
+
+    op: Literal["back"]
+    n: int = Field(1, ge=1, le=1_000_000)
+
+
+class SetOp(_Op):
+    """Replace the text; only what differs from the current text is stepped."""
+
+    op: Literal["set"]
+    text: str = Field(max_length=1_000_000)
+
+
+class ResetOp(_Op):
+    """Back to the empty text."""
+
+    op: Literal["reset"]
+
+
+SessionOp = Annotated[FeedOp | BackOp | SetOp | ResetOp, Field(discriminator="op")]
+
+
+class SessionReady(BaseModel):
+    """The first message of a session: the model, the limits, the distribution after ''."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    type: Literal["ready"] = "ready"
+    model: str
+    vocab: list[str]
+    max_chars: int
+    history: int
+    idle_s: float
+    next: list[NextChar]
+    entropy_bits: float
+
+
+class SessionNext(BaseModel):
+    """The answer to each operation: the next-character distribution after the text."""
+
+    type: Literal["next"] = "next"
+    id: MessageId | None = None
+    length: int = Field(description="characters in the session's text now")
+    next: list[NextChar]
+    entropy_bits: float
+
+
+class SessionErrorDetail(BaseModel):
+    code: str
+    message: str
+    details: Any = None
+
+
+class SessionError(BaseModel):
+    """A refused message (the session is unchanged and stays open), or why it is closing."""
+
+    type: Literal["error"] = "error"
+    id: MessageId | None = None
+    error: SessionErrorDetail

@@ -194,3 +194,25 @@ def test_slices_keep_about_the_same_work_as_the_batch_grows() -> None:
     assert batching.slice_steps(256, 1) == 61
     assert batching.slice_steps(256, 32) == 5
     assert batching.slice_steps(1024, 4096) == 1
+
+
+@pytest.mark.parametrize("keep", [1, 3, 61, 62, 500])
+def test_trail_keeps_the_states_after_each_of_the_last_inputs(keep: int) -> None:
+    """Stepped across several slices beside other work, the kept tail is each step's state."""
+    w = weights(hidden=256)  # 61 steps a slice alone: 300 inputs span several slices
+    rng = np.random.default_rng(keep)
+    seq = ids(300, rng)
+    others = [ids(int(k), rng) for k in rng.integers(1, 400, 5)]
+    h0 = initial_state(w)
+
+    async def go() -> np.ndarray:
+        b = Batcher(w, max_batch=64, max_delay_s=0)
+        tail, *_ = await asyncio.gather(b.trail(h0, seq, keep), *(b.advance(h0, o) for o in others))
+        return tail
+
+    tail = asyncio.run(go())
+    m = min(keep, seq.size)
+    assert tail.shape == (m, w.n_a)
+    for j in range(m):
+        want = advance(w, h0, seq[: seq.size - m + j + 1])
+        np.testing.assert_allclose(tail[j], want, atol=1e-5)  # float32 sums, 300 steps
