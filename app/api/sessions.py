@@ -39,7 +39,7 @@ from starlette.websockets import WebSocketDisconnect
 
 from model.errors import UnknownCharactersError
 
-from ..errors import NotFound, ServiceError, clear_message
+from ..errors import SURROGATE_MESSAGE, NotFound, ServiceError, clear_message
 from ..metrics import SESSION_MESSAGES, SESSIONS_CLOSED, SESSIONS_OPEN
 from ..serving.schemas import (
     BackOp,
@@ -164,9 +164,13 @@ async def _refuse(ws: WebSocket, close_code: int, code: str, message: str) -> No
 def _invalid(e: ValidationError) -> str:
     first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid message"}
     where = ".".join(str(p) for p in first.get("loc", ())) or "message"
-    message = f"{where}: {clear_message(str(first.get('msg')), first.get('type'))}"
-    if first.get("type") == "json_invalid":
-        message = 'send one JSON object per message, e.g. {"op": "feed", "text": "a"}'
+    clear = clear_message(str(first.get("msg")), first.get("type"))
+    message = f"{where}: {clear}"
+    if first.get("type") == "json_invalid" and clear != SURROGATE_MESSAGE:
+        message = (
+            f"not JSON ({clear}): send one JSON object per message, "
+            'e.g. {"op": "feed", "text": "a"}'
+        )
     details = [
         {"loc": [str(p) for p in x.get("loc", ())], "msg": x.get("msg"), "type": x.get("type")}
         for x in e.errors()

@@ -149,6 +149,7 @@ def test_refused_messages_change_nothing(serve: Serve) -> None:
                 (json.dumps({"op": "set", "text": "a" * 21}), "invalid", "at most 20"),
                 (json.dumps({"op": "feed", "text": "a", "top_k": 0}), "invalid", "top_k"),
                 (json.dumps([1, 2]), "invalid", ""),
+                ('{"op": "feed", "text": "a\\ud800"}', "invalid", "surrogate"),
             ]
             for raw, code, words in refusals:
                 await ws.send(raw)
@@ -344,3 +345,91 @@ def test_the_readme_session_example_runs(serve: Serve, capsys: pytest.CaptureFix
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 5 and lines[-1] == "2"
     assert lines[1].startswith("t [{'char':") and lines[1].count("'prob'") == 3
+
+
+def garbage(rng: np.random.Generator) -> str | bytes:
+    """A message that must be refused: malformed, or an op with one bad field."""
+    ops: list[dict[str, Any]] = [
+        {"op": "feed", "text": "ab"},
+        {"op": "back", "n": 1},
+        {"op": "set", "text": "abc"},
+        {"op": "reset"},
+    ]
+    bad_fields: list[tuple[str, Any]] = [
+        ("id", 1.5),
+        ("id", [1]),
+        ("id", {"a": 1}),
+        ("id", "i" * 201),
+        ("id", 2**70),
+        ("id", True),
+        ("top_k", 0),
+        ("top_k", -3),
+        ("top_k", 10**6),
+        ("top_k", "3"),
+        ("top_k", 2.5),
+        ("top_k", False),
+        ("surplus", 1),
+    ]
+    per_op: list[dict[str, Any]] = [
+        {"op": "feed", "text": 5},
+        {"op": "feed", "text": None},
+        {"op": "feed", "text": ["a"]},
+        {"op": "feed", "text": "a\u00e9\u2603"},
+        {"op": "back", "n": -1},
+        {"op": "back", "n": 1.0},
+        {"op": "back", "n": True},
+        {"op": "back", "n": 10**7},
+        {"op": "set", "text": 0},
+        {"op": "set", "text": "ok" + "\U0001f600"},
+        {"op": ""},
+        {"op": "FEED", "text": "a"},
+        {"op": None},
+        {"text": "a"},
+    ]
+    raw_forms: list[str | bytes] = [
+        "",
+        "{",
+        "null",
+        "[]",
+        "3",
+        '"feed"',
+        '{"op": "feed", "text": "a\\ud800"}',
+        '{"op": "feed", "text": "a", "id": "\\udc00"}',
+        b"\xff\x00\x81",
+        b'{"op": "reset"',
+        "{" * 5000,
+    ]
+    kind = int(rng.integers(3))
+    if kind == 0:
+        field, value = bad_fields[int(rng.integers(len(bad_fields)))]
+        op = dict(ops[int(rng.integers(len(ops)))])
+        op[field] = value
+        return json.dumps(op)
+    if kind == 1:
+        return json.dumps(per_op[int(rng.integers(len(per_op)))])
+    return raw_forms[int(rng.integers(len(raw_forms)))]
+
+
+def test_random_bad_messages_are_refused_and_change_nothing(serve: Serve) -> None:
+    server = serve(CHARNN_SESSION_HISTORY="3")
+    model, ckpt = upload(server, 12)
+
+    async def go() -> None:
+        async with connect(ws_url(server, f"?model={model}")) as ws:
+            await ws.recv()
+            rng = np.random.default_rng(0)
+            text = ""
+            for i in range(300):
+                raw = garbage(rng)
+                await ws.send(raw)
+                answer = json.loads(await ws.recv())
+                assert answer["type"] == "error", (raw, answer)
+                assert answer["error"]["code"] in ("invalid", "unknown_characters"), answer
+                assert answer["error"]["message"], answer
+                if i % 10 == 0:  # the state is still the text's
+                    ch = str(rng.choice(list(ALPHABET)))
+                    text += ch
+                    check(await ask(ws, op="feed", text=ch), ckpt, text)
+            check(await ask(ws, op="back", n=len(text)), ckpt, "")
+
+    asyncio.run(go())
