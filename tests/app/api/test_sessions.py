@@ -433,3 +433,51 @@ def test_random_bad_messages_are_refused_and_change_nothing(serve: Serve) -> Non
             check(await ask(ws, op="back", n=len(text)), ckpt, "")
 
     asyncio.run(go())
+
+
+def as_answer(out: Any) -> dict[str, Any]:
+    return {"type": "next", **out.model_dump()}
+
+
+def test_the_python_clients_sessions(serve: Serve) -> None:
+    from app.client import ApiError, AsyncClient, Client
+
+    server = serve(CHARNN_MAX_SESSIONS="1")
+    model, ckpt = upload(server, 13)
+    with Client(server.url) as client:
+        with client.session(model, top_k=4) as s:
+            assert s.ready is not None and s.ready.model == model
+            assert len(s.feed("ab").next) == 4
+            full = s.feed("c", top_k=100)
+            check(as_answer(full), ckpt, "abc")
+            check(as_answer(s.back(2, top_k=100)), ckpt, "a")
+            check(as_answer(s.set("zz", top_k=100)), ckpt, "zz")
+            with pytest.raises(ApiError) as refused:
+                s.feed("Q")
+            assert refused.value.code == "unknown_characters" and "'Q'" in str(refused.value)
+            check(as_answer(s.reset(top_k=100)), ckpt, "")
+            with pytest.raises(ApiError) as full_up, client.session(model):
+                pass
+            assert full_up.value.status == 429 and "1 sessions are open" in str(full_up.value)
+        with pytest.raises(ApiError) as missing, client.session("nope"):
+            pass
+        assert missing.value.status == 404 and "'nope'" in str(missing.value)
+
+    async def go() -> None:
+        async with AsyncClient(server.url) as client, client.session(model, top_k=100) as s:
+            check(as_answer(await s.feed("ab")), ckpt, "ab")
+            check(as_answer(await s.back()), ckpt, "a")
+            check(as_answer(await s.set("a b")), ckpt, "a b")
+            check(as_answer(await s.reset()), ckpt, "")
+
+    asyncio.run(go())
+    with pytest.raises(ApiError) as gone, Client(f"http://127.0.0.1:{free_closed_port()}") as c:
+        with c.session():
+            pass
+    assert gone.value.code == "unreachable"
+
+
+def free_closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])  # closed again when this returns: nobody listens

@@ -51,15 +51,18 @@ from collections.abc import (
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Generic, Literal, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, Self, TypeVar
 
 import httpx
 from httpx_sse import EventSource, ServerSentEvent, SSEError
 from pydantic import BaseModel
 
-from .domain import DEFAULT_URL, TERMINAL_STATUSES, JobStatus
-from .jobs.schemas import HyperparametersInfo, JobList, JobOut, MetricsOut
-from .serving.schemas import GenerateOut, ModelList, ModelOut, PredictOut, ScoreOut
+from ..domain import DEFAULT_URL, TERMINAL_STATUSES, JobStatus
+from ..jobs.schemas import HyperparametersInfo, JobList, JobOut, MetricsOut
+from ..serving.schemas import GenerateOut, ModelList, ModelOut, PredictOut, ScoreOut
+
+if TYPE_CHECKING:
+    from .sessions import AsyncTypingSession, TypingSession
 
 __all__ = [
     "DEFAULT_URL",
@@ -623,6 +626,20 @@ class Client(_Base):
         """Add a ``.npz`` checkpoint (bytes, or a file path); ``name`` overrides its own."""
         return self._run(_upload(data_or_path, name))
 
+    def session(
+        self,
+        model: str | None = None,
+        *,
+        top_k: int | None = None,
+        temperature: float | None = None,
+    ) -> TypingSession:
+        """A typing session (WebSocket ``/sessions``): ``with client.session() as s:
+        s.feed("a")``; each call answers the next-character distribution."""
+        from .sessions import TypingSession, session_url
+
+        url = session_url(self.url, model, top_k, temperature)
+        return TypingSession(url, self.headers, self.timeout)
+
 
 class Job:
     """A training job on a :class:`Client`; ``last`` is its record as last seen."""
@@ -854,6 +871,19 @@ class AsyncClient(_Base):
         self, data_or_path: bytes | str | os.PathLike[str], *, name: str | None = None
     ) -> ModelOut:
         return await self._run(_upload(data_or_path, name))
+
+    def session(
+        self,
+        model: str | None = None,
+        *,
+        top_k: int | None = None,
+        temperature: float | None = None,
+    ) -> AsyncTypingSession:
+        """:meth:`Client.session` for asyncio: ``async with client.session() as s``."""
+        from .sessions import AsyncTypingSession, session_url
+
+        url = session_url(self.url, model, top_k, temperature)
+        return AsyncTypingSession(url, self.headers, self.timeout)
 
 
 class AsyncJob:
