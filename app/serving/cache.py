@@ -5,9 +5,10 @@ A client typing one character at a time asks for "ROMEO", "ROMEO:", "ROMEO:\\n"
 step, not the whole prefix. Model references ("the newest", a name, an id) are
 resolved through the store once per change of ``store.models_version``, so a
 prediction costs no database query while the set of models stays the same, and a
-delete or a new model takes effect on the next request. All caches are LRU and
-bounded; ids are never reused, so a cached model can never be mistaken for
-another.
+delete or a new model takes effect on the next request (on other scale-out
+replicas, once PostgreSQL's NOTIFY of the change has arrived: about a
+millisecond). All caches are LRU and bounded; ids are never reused, so a cached
+model can never be mistaken for another.
 """
 
 from __future__ import annotations

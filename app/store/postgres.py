@@ -36,6 +36,12 @@ heartbeat is stale and which job is newest.
 
 The schema is created or migrated at construction, under a transaction-scoped
 advisory lock, so any number of processes may start at once.
+
+``models_version`` (read by the model cache before every prediction) costs no
+query while the store's ``VersionListener`` is fresh: every bump also sends
+``pg_notify`` on a channel named for this ``charnn_meta`` table (its OID: one per
+database and schema), and the listener, started at the first read, keeps the
+highest version heard (``app/store/listen.py``).
 """
 
 from __future__ import annotations
@@ -71,6 +77,7 @@ from .base import (
     new_id,
     valid_id,
 )
+from .listen import VersionListener
 from .pool import Pool
 from .sql import JOB_COLUMNS, MODEL_COLUMNS, POSTGRES, SqlReads
 
@@ -201,6 +208,27 @@ def _no_nul(what: str, value: str | None) -> None:
         raise ValueError(f"{what} must not contain NUL characters")
 
 
+def _bump_models_version(cur: Cursor, channel: str) -> int:
+    """Bump ``models_version`` in the caller's transaction and notify the listeners of the
+    new value; NOTIFY is delivered at COMMIT, so nobody hears of a change that rolled back.
+    Last in its transaction, so the meta row is locked only for the moment before COMMIT."""
+    row = cur.execute(
+        "WITH bumped AS (UPDATE charnn_meta SET models_version = models_version + 1 "
+        "RETURNING models_version) "
+        "SELECT models_version, pg_notify(%s, models_version::text) FROM bumped",
+        (channel,),
+    ).fetchone()
+    assert row is not None
+    return int(row["models_version"])
+
+
+def _read_models_version(conn: psycopg.Connection[Any]) -> int:
+    """The version in the table, on the listener's own connection (tuple rows)."""
+    row = conn.execute("SELECT models_version FROM charnn_meta").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
 def _insert_model(cur: Cursor, model: NewModel, job_id: str | None) -> ModelRecord:
     """Insert one model row, bytes included, in the caller's transaction."""
     _no_nul("the model name", model.name)
@@ -253,9 +281,22 @@ class PostgresStore(SqlReads):
         self._pool = Pool(database_url, kwargs, pool_size)
         try:
             self._init_schema()
+            row = self._one("SELECT 'charnn_meta'::regclass::oid::bigint AS oid")
         except BaseException:
             self._pool.close()
             raise
+        assert row is not None
+        listen_kwargs = {**kwargs, "application_name": "charnn-listener"}
+        if "tcp_user_timeout" not in given and psycopg.pq.version() >= 120000:
+            # A peer gone silent (no RST) fails the ping within 10 s, not TCP's minutes.
+            listen_kwargs["tcp_user_timeout"] = 10_000
+
+        def listen_connect() -> psycopg.Connection[Any]:
+            return psycopg.connect(database_url, autocommit=True, **listen_kwargs)
+
+        self._versions = VersionListener(
+            listen_connect, f"charnn_models_{row['oid']}", _read_models_version
+        )
 
     def __enter__(self) -> PostgresStore:
         return self
@@ -702,7 +743,10 @@ class PostgresStore(SqlReads):
         if not valid_id(job_id):
             return None
 
+        bumped: list[int] = []
+
         def body(cur: Cursor) -> ModelRecord | bool | None:
+            bumped.clear()  # a retried body starts afresh
             row = cur.execute(
                 "SELECT status, worker FROM charnn_jobs WHERE id = %s FOR UPDATE", (job_id,)
             ).fetchone()
@@ -720,12 +764,14 @@ class PostgresStore(SqlReads):
                 (status, stored.id if stored else None, error, job_id),
             )
             if stored is not None:
-                # Last, so the meta row is locked only for the moment before COMMIT.
-                cur.execute("UPDATE charnn_meta SET models_version = models_version + 1")
+                bumped.append(_bump_models_version(cur, self._versions.channel))
                 return stored
             return True
 
-        return self._run(body, write=True)
+        result = self._run(body, write=True)
+        if bumped:  # committed: this process sees its own change at once
+            self._versions.observe(bumped[-1])
+        return result
 
     def requeue_job(
         self, job_id: str, *, worker: str | None = None, state: bytes | None = None
@@ -793,35 +839,48 @@ class PostgresStore(SqlReads):
         and pass what they learned (vocab, dtype, ...).
         """
 
-        def body(cur: Cursor) -> ModelRecord:
+        def body(cur: Cursor) -> tuple[ModelRecord, int]:
             stored = _insert_model(cur, model, job_id)
-            # Last, so the meta row is locked only for the moment before COMMIT.
-            cur.execute("UPDATE charnn_meta SET models_version = models_version + 1")
-            return stored
+            return stored, _bump_models_version(cur, self._versions.channel)
 
-        return self._run(body, write=True)
+        stored, version = self._run(body, write=True)
+        self._versions.observe(version)  # committed: this process sees its own change at once
+        return stored
 
     @property
     def models_version(self) -> int:
         """Bumped in the transaction of every model insert and delete, by any replica or
-        worker: one tiny query tells a replica whether its model caches are stale."""
+        worker, so a replica knows when its model caches are stale.
+
+        From memory while the listener is fresh (no query: this is read before every
+        prediction); from the table otherwise (the first read, which starts the
+        listener, and every read while it is down). Never decreases. A change made by
+        another process is seen when its notification arrives, not at its COMMIT;
+        this process's own changes at once."""
+        versions = self._versions
+        if versions.fresh():
+            return versions.version
+        versions.start()
         row = self._one("SELECT models_version FROM charnn_meta")
         assert row is not None
-        return int(row["models_version"])
+        return versions.observe(int(row["models_version"]))
 
     def delete_model(self, model_id: str) -> bool:
         """Delete the model (row and bytes at once); True if it existed."""
         if not valid_id(model_id):
             return False
 
-        def body(cur: Cursor) -> bool:
+        def body(cur: Cursor) -> int | None:
             cur.execute("DELETE FROM charnn_models WHERE id = %s", (model_id,))
             if cur.rowcount <= 0:
-                return False
-            cur.execute("UPDATE charnn_meta SET models_version = models_version + 1")
-            return True
+                return None
+            return _bump_models_version(cur, self._versions.channel)
 
-        return self._run(body, write=True)
+        version = self._run(body, write=True)
+        if version is None:
+            return False
+        self._versions.observe(version)  # committed: this process sees its own change at once
+        return True
 
     def read_model_bytes(self, model_id: str) -> bytes | None:
         """The checkpoint bytes, or None if there is no such model."""
@@ -851,5 +910,7 @@ class PostgresStore(SqlReads):
         return True
 
     def close(self) -> None:
-        """Close the idle connections and refuse further use; idempotent."""
+        """Stop the models listener (thread and connection), close the idle connections and
+        refuse further use; idempotent."""
+        self._versions.close()
         self._pool.close()

@@ -14,8 +14,10 @@ import multiprocessing
 import os
 import socket
 import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
@@ -361,21 +363,191 @@ def test_concurrent_threads(store: PostgresStore) -> None:
 # -- models_version --------------------------------------------------------------
 
 
+def _eventually(cond: Callable[[], object], what: str, timeout: float = 30.0) -> None:
+    """Poll ``cond``; the timeout only bounds a failure, it asserts nothing about speed."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for: {what}"
+        time.sleep(0.01)
+
+
+def _listening(store: PostgresStore) -> PostgresStore:
+    """The store with its models listener started and fresh. Trusted for 10 minutes, not
+    3 s, after each ping: a stalled machine must not turn its reads into queries."""
+    store._versions._alive_s = 600.0
+    assert store.models_version >= 0  # the first read starts it
+    _eventually(store._versions.fresh, "the models listener")
+    return store
+
+
+class _Queries:
+    """Counts the store's pooled connection checkouts (every query takes one)."""
+
+    def __init__(self, store: PostgresStore, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.n = 0
+        checkout = store._pool.connection
+
+        @contextmanager
+        def counted() -> Iterator[Any]:
+            self.n += 1
+            with checkout() as conn:
+                yield conn
+
+        monkeypatch.setattr(store._pool, "connection", counted)
+
+
 def test_models_version_shared_between_replicas(pg_url: str, schema: str) -> None:
     with (
         PostgresStore(pg_url, schema=schema) as a,
         PostgresStore(pg_url, schema=schema) as b,
     ):
         assert a.models_version == b.models_version == 0
+        _listening(a)
+        _listening(b)
         model = _model(a)
-        assert a.models_version == b.models_version == 1
+        assert a.models_version == 1  # the writer sees its own change at once ...
+        _eventually(lambda: b.models_version == 1, "b to hear of a's model")  # ... b soon
         assert b.delete_model(model.id) is True
-        assert a.models_version == b.models_version == 2
-        assert a.delete_model(model.id) is False  # nothing deleted, no bump
         assert b.models_version == 2
+        _eventually(lambda: a.models_version == 2, "a to hear of b's delete")
+        assert a.delete_model(model.id) is False  # nothing deleted, no bump
+        assert a.models_version == 2 and b.models_version == 2
         _job(a)
         a.update_job(a.list_jobs()[0].id, step=3)  # job writes do not bump it
         assert b.models_version == 2
+        assert b._versions.fresh() and a._versions.fresh()  # those reads came from memory
+
+
+def test_models_version_from_memory_while_listening(
+    pg_url: str, schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with (
+        PostgresStore(pg_url, schema=schema) as a,
+        PostgresStore(pg_url, schema=schema) as b,
+    ):
+        _listening(b)
+        queries = _Queries(b, monkeypatch)
+        first = _model(a, "first")
+        _eventually(lambda: b.models_version == 1, "the insert's notification")
+        assert a.delete_model(first.id)
+        _eventually(lambda: b.models_version == 2, "the delete's notification")
+        for _ in range(1000):
+            assert b.models_version == 2
+        assert queries.n == 0  # none of those reads (over a thousand) queried
+        mine = _model(b, "mine")  # its own write: one transaction, and seen at once
+        assert queries.n == 1 and b.models_version == 3 and queries.n == 1
+        stored = a.finish_job(_claimed(a), worker="w", status="succeeded", model=_new_model())
+        assert isinstance(stored, ModelRecord)  # a worker's outcome notifies too
+        _eventually(lambda: b.models_version == 4, "the finished job's notification")
+        assert b.delete_model(mine.id) and b.models_version == 5
+        _eventually(lambda: a.models_version == 5, "a to hear of b's delete")
+        assert queries.n == 2  # b's two writes, no reads
+    other = f"{schema}_other"  # another schema's changes are another channel's
+    with (
+        _listening(PostgresStore(pg_url, schema=schema)) as c,
+        PostgresStore(pg_url, schema=other) as d,
+        PostgresStore(pg_url, schema=schema) as e,
+    ):
+        for _ in range(8):
+            _model(d)
+        assert d.models_version == 8
+        _model(e)  # committed after d's: its notification comes after any of theirs
+        _eventually(lambda: c.models_version == 6, "e's notification")
+        assert c.models_version == 6  # d's versions (up to 8) never reached c's counter
+
+
+def _claimed(store: PostgresStore) -> str:
+    job = _job(store)
+    assert store.claim_job(job.id, "w", 30) is not None
+    return job.id
+
+
+def _backend_alive(pg_url: str, pid: int) -> bool:
+    return bool(_sql(pg_url, "public", "SELECT 1 FROM pg_stat_activity WHERE pid = %s", pid))
+
+
+def test_a_killed_listener_falls_back_to_queries_then_recovers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Its own database: new connections to it are refused while the listener is down.
+    name, url = _create_database()
+    allow = sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS {}")
+
+    def connections(allowed: bool) -> None:
+        with psycopg.connect(SERVER_URL, autocommit=True) as conn:
+            conn.execute(allow.format(sql.Identifier(name), sql.SQL(str(allowed).lower())))
+
+    try:
+        with PostgresStore(url) as a, PostgresStore(url) as b:
+            _listening(b)
+            old_pid = b._versions.backend_pid
+            assert old_pid is not None
+            connections(False)  # the pools' open connections keep working
+            _sql(SERVER_URL, "public", "SELECT pg_terminate_backend(%s)", old_pid)
+            _eventually(lambda: not b._versions.fresh(), "the listener to notice")
+            queries = _Queries(b, monkeypatch)
+            _model(a, "while down")
+            assert b.models_version == 1  # read from the table: never stale
+            assert queries.n == 1
+            assert b.models_version == 1 and queries.n == 2  # every read, while down
+            assert not b._versions.fresh()  # it cannot reconnect yet
+            _model(a, "also while down")  # b hears nothing of this one ...
+            connections(True)
+            _eventually(b._versions.fresh, "the listener to reconnect")
+            assert b._versions.backend_pid not in (None, old_pid)
+            n = queries.n
+            assert b.models_version == 2 and queries.n == n  # ... but read it on reconnecting
+            _model(a, "after")
+            _eventually(lambda: b.models_version == 3, "notifications again")
+            assert queries.n == n
+    finally:
+        connections(True)
+        _drop_database(name)
+
+
+def _listener_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("charnn-listen-")]
+
+
+def test_close_stops_the_listener(pg_url: str, schema: str) -> None:
+    before = _listener_threads()
+    store = _listening(PostgresStore(pg_url, schema=schema))
+    thread, pid = store._versions._thread, store._versions.backend_pid
+    assert thread is not None and thread.is_alive() and pid is not None
+    assert _backend_alive(pg_url, pid)
+    store.close()
+    assert not thread.is_alive()
+    _eventually(lambda: not _backend_alive(pg_url, pid), "its session to end")
+    assert _listener_threads() == before
+    assert not store._versions.fresh()
+    with pytest.raises(StoreError, match="closed"):
+        store.models_version  # noqa: B018
+    store.close()  # idempotent
+    PostgresStore(pg_url, schema=schema).close()  # never read: no thread was started
+    assert _listener_threads() == before
+
+
+def test_a_forked_child_leaves_the_parent_s_listener_alone(pg_url: str, schema: str) -> None:
+    with (
+        PostgresStore(pg_url, schema=schema) as a,
+        _listening(PostgresStore(pg_url, schema=schema)) as b,
+    ):
+        pid = b._versions.backend_pid
+        assert pid is not None
+        child = os.fork()
+        if child == 0:  # a Celery pool process, say: reads and closes what it inherited
+            ok = False
+            try:
+                ok = not b._versions.fresh() and b.models_version == 0
+                b.close()
+            finally:
+                os._exit(0 if ok else 1)
+        _, status = os.waitpid(child, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert b._versions.backend_pid == pid and _backend_alive(pg_url, pid)
+        _model(a)
+        _eventually(lambda: b.models_version == 1, "the parent's listener, still working")
+        assert b._versions.fresh() and b._versions.backend_pid == pid
 
 
 # -- distributed execution -------------------------------------------------------
