@@ -1,6 +1,6 @@
 """The ``charnn`` command line: serve, train and use models locally, or drive a server.
 
-    charnn serve [--host --port --data-dir --reload]
+    charnn serve [--host --port --data-dir --workers N --reload]
     charnn worker [--concurrency N --loglevel info]   (with CHARNN_BROKER_URL, CHARNN_DATABASE_URL)
     charnn check DATA_DIR [--repair]
     charnn train CORPUS.txt|--example --out model.npz [--fit --hidden-size ... --patience ...]
@@ -197,14 +197,25 @@ def _postfix(train_loss: float | None, val_loss: float | None, cps: float | None
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from .store.sqlite import OWNER_ENV
+
+    os.environ.pop(OWNER_ENV, None)  # only ever set below, for this server's own workers
     if args.data_dir is not None:
         os.environ["CHARNN_DATA_DIR"] = str(args.data_dir)
+    if args.workers is not None:
+        os.environ["CHARNN_WORKERS"] = str(args.workers)
     settings = _settings()
+    workers = settings.workers
+    if workers > 1 and args.reload:
+        raise CliError("--reload runs one process: drop --workers (or CHARNN_WORKERS) with it")
+    if workers > 1 and not settings.distributed and not sys.platform.startswith("linux"):
+        raise CliError("--workers above 1 needs Linux (its processes talk over Unix sockets)")
     _check_port(args.host, args.port)  # before the data directory is made or opened
-    _preflight(settings)
+    lock = _preflight(settings, keep_lock=workers > 1)
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    where = _where(settings) + (f", {workers} worker processes" if workers > 1 else "")
     banner = (
-        f"serving on http://{args.host}:{args.port} ({_where(settings)}); "
+        f"serving on http://{args.host}:{args.port} ({where}); "
         f"open http://{host}:{args.port}/ in a browser"
     )
     if settings.log_format == "json":  # every line of the log one JSON object
@@ -217,6 +228,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         banner = f"charnn: {banner}"
     print(banner, file=sys.stderr, flush=True)
+    from .logs import log_config
+
+    options: dict[str, Any] = {
+        "host": args.host,
+        "port": args.port,
+        "log_level": args.log_level,
+        "log_config": log_config(settings.log_format, args.log_level),
+        "access_log": False,  # charnn.access writes them, with each request's id and route
+        "http": "app.api.http_protocol:HeaderTimeoutProtocol",
+        "timeout_keep_alive": settings.keep_alive_s,
+        "timeout_graceful_shutdown": settings.shutdown_timeout_s,
+    }
+    if workers > 1:
+        if lock is not None:  # the embedded store: the workers trust this process's lock
+            os.environ[OWNER_ENV] = str(os.getpid())
+        try:
+            _serve_workers(options, workers, lock)
+        finally:
+            if lock is not None:
+                os.close(lock)
+        return 0
 
     def stopped(signum: int, frame: FrameType | None) -> None:
         raise SystemExit(0)
@@ -226,21 +258,45 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # managers and `docker stop` call clean), not 143 or a KeyboardInterrupt.
     signal.signal(signal.SIGTERM, stopped)
     signal.signal(signal.SIGINT, stopped)
-    from .logs import log_config
-
-    uvicorn.run(
-        "app.main:app",
-        host=args.host,
-        port=args.port,
-        reload=args.reload,
-        log_level=args.log_level,
-        log_config=log_config(settings.log_format, args.log_level),
-        access_log=False,  # charnn.access writes them, with each request's id and route
-        http="app.api.http_protocol:HeaderTimeoutProtocol",
-        timeout_keep_alive=settings.keep_alive_s,
-        timeout_graceful_shutdown=settings.shutdown_timeout_s,
-    )
+    # workers=1 said: uvicorn would otherwise take $WEB_CONCURRENCY (CHARNN_WORKERS decides)
+    uvicorn.run("app.main:app", reload=args.reload, workers=1, **options)
     return 0
+
+
+def _serve_workers(options: dict[str, Any], workers: int, lock: int | None) -> None:
+    """N uvicorn workers on one socket, under uvicorn's supervisor (0.30+: a worker that
+    dies is replaced; SIGTERM/SIGINT stop them all, each as one server stops).
+
+    Two additions: the first stop signal is written in the data directory's lock
+    before the workers are told (no worker takes over the jobs of a runner that
+    stopped: app/jobs/role.py), and a worker that could not start (the supervisor
+    then stops the rest) is exit status 1 with a line, not a clean exit."""
+    import uvicorn
+    from uvicorn.supervisors.multiprocess import Multiprocess
+
+    from .store.sqlite import mark_stopping
+
+    class Supervisor(Multiprocess):
+        asked_to_stop = False
+
+        def _stopping(self) -> None:
+            if not self.asked_to_stop and lock is not None:
+                mark_stopping(lock)
+            self.asked_to_stop = True
+
+        def handle_int(self) -> None:
+            self._stopping()
+            super().handle_int()
+
+        def handle_term(self) -> None:
+            self._stopping()
+            super().handle_term()
+
+    config = uvicorn.Config("app.main:app", workers=workers, **options)
+    supervisor = Supervisor(config, sockets=[config.bind_socket()])
+    supervisor.run()
+    if not supervisor.asked_to_stop:
+        raise CliError("a worker process could not start (the reason is logged above)")
 
 
 def _port(text: str) -> int:
@@ -252,6 +308,19 @@ def _port(text: str) -> int:
     if not 1 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"port {port} is out of range: use 1-65535")
     return port
+
+
+def _workers(text: str) -> int:
+    """A worker count for argparse, within CHARNN_WORKERS's bounds."""
+    from .settings import MAX_WORKERS
+
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of processes") from None
+    if not 1 <= n <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"{n} workers is out of range: use 1-{MAX_WORKERS}")
+    return n
 
 
 def _bind(host: str, port: int) -> None:
@@ -302,18 +371,24 @@ def _free(host: str, port: int) -> bool:
     return True
 
 
-def _preflight(settings: Any) -> None:
+def _preflight(settings: Any, *, keep_lock: bool = False) -> int | None:
     """Open the data directory once before serving: one clear line (in use by another
-    server, damaged, not writable) instead of a failed start-up's traceback."""
+    server, damaged, not writable) instead of a failed start-up's traceback. With
+    ``keep_lock`` (``--workers N``) this process keeps the directory locked while its
+    workers serve it: the lock's descriptor."""
     if settings.distributed:
-        return
+        return None
     from .store.base import StoreError
     from .store.sqlite import SqliteStore
 
     try:
-        SqliteStore(settings.data_dir).close()
+        store = SqliteStore(settings.data_dir)
     except StoreError as e:
         raise CliError(str(e)) from None
+    if keep_lock:
+        return store.detach_lock()
+    store.close()
+    return None
 
 
 def _settings() -> Any:
@@ -753,6 +828,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         help="store (default $CHARNN_DATA_DIR or ./charnn-data)",
+    )
+    p.add_argument(
+        "--workers",
+        type=_workers,
+        default=None,
+        metavar="N",
+        help="API processes on one port, all serving every route; one of them runs the "
+        "training jobs (default $CHARNN_WORKERS or 1)",
     )
     p.add_argument("--reload", action="store_true", help="restart on code changes (development)")
     p.add_argument(

@@ -7,7 +7,8 @@ on top of them, and stops them on shutdown:
 
 - embedded (the default): ``SqliteStore`` in the data directory and
   ``LocalRunner``, processes of this server (which resumes jobs a crash
-  interrupted);
+  interrupted); under ``charnn serve --workers N`` each worker's ``LocalRunner``
+  is wrapped in a ``RunnerRole`` (``app/jobs/role.py``), and one worker runs jobs;
 - scale-out (``CHARNN_DATABASE_URL`` and ``CHARNN_BROKER_URL`` set):
   ``PostgresStore`` and ``CeleryRunner``, jobs on ``charnn worker`` processes,
   events over Redis.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -56,9 +58,13 @@ async def _store_and_runner(settings: Settings, events: EventHub) -> tuple[Store
         await asyncio.to_thread(runner.start)
         return shared, runner
     from .jobs.local import LocalRunner
-    from .store.sqlite import SqliteStore
+    from .store.sqlite import OWNER_ENV, SqliteStore
 
-    local = SqliteStore(settings.data_dir)  # StoreError (in use, damaged): no start
+    # A worker of `charnn serve --workers N`: its parent holds the data directory.
+    owner = os.environ.get(OWNER_ENV)
+    owner_pid = int(owner) if owner is not None and owner.isdigit() else None
+    # StoreError (in use, damaged, a parent that does not hold it): no start
+    local = SqliteStore(settings.data_dir, owner=owner_pid)
     embedded = LocalRunner(
         local,
         max_concurrent_jobs=settings.max_concurrent_jobs,
@@ -69,6 +75,16 @@ async def _store_and_runner(settings: Settings, events: EventHub) -> tuple[Store
         job_files_retention_s=settings.job_files_retention_s,
         on_event=events.publish,
     )
+    if owner_pid is not None:
+        from .jobs.role import RunnerRole
+
+        try:
+            role = RunnerRole(local, embedded, events, owner_pid)
+            role.start()  # this worker runs the jobs if no other one does
+        except BaseException:
+            local.close()
+            raise
+        return local, role
     embedded.start()
     return local, embedded
 

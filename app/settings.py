@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from .domain import ModelLimits
 
 _JOB_THREADS = 2
+MAX_WORKERS = 64  # API processes of one `charnn serve`
 
 
 def _default_concurrent_jobs() -> int:
@@ -235,6 +236,15 @@ class Settings(BaseSettings):
             "`charnn serve`'s log lines: text, or json (one object per line: time, level, "
             "logger, message; access lines add request_id, method, route, path, status, "
             "duration_ms)."
+        ),
+    )
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=MAX_WORKERS,
+        description=(
+            "API processes `charnn serve` runs on one port, each serving every route; with "
+            "the embedded store one of them runs the training jobs. `charnn serve` only."
         ),
     )
 

@@ -1,9 +1,11 @@
 """Fan-out of job events from the runner's thread to subscribers on the event loop.
 
 Every message a job sends (``app/jobs/lifecycle.py`` announces them) reaches the
-``EventHub`` of each API process: directly from the embedded runner's thread, or
-over Redis pub/sub in scale-out (``app/jobs/fanout.py``). The event stream of
-``GET /jobs/{id}/events`` reads a subscription.
+``EventHub`` of each API process: directly from the embedded runner's thread,
+over Redis pub/sub in scale-out (``app/jobs/fanout.py``), or, under ``charnn
+serve --workers N``, as datagrams from the process that runs the jobs to those
+following them (``app/jobs/role.py``). The event stream of ``GET
+/jobs/{id}/events`` reads a subscription.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 # What a subscriber's queue yields last when the server shuts down: every open event
@@ -28,15 +31,26 @@ class EventHub:
         self._subs: dict[str, set[Subscription]] = defaultdict(set)
         self._lock = threading.Lock()
         self._closed = False
+        # Told of a job's first subscriber (a process that does not run the jobs asks the
+        # one that does for the job's events); called on the loop, so it must be quick.
+        self.on_subscribe: Callable[[str], None] | None = None
 
     def subscribe(self, job_id: str) -> Subscription:
         """A queue of the job's events (``CLOSING`` first if the hub is closed)."""
         q: Subscription = asyncio.Queue(self.max_pending + 1)  # room for CLOSING
         with self._lock:
+            first = job_id not in self._subs
             self._subs[job_id].add(q)
             if self._closed:
                 q.put_nowait(CLOSING)
+        if first and self.on_subscribe is not None:
+            self.on_subscribe(job_id)
         return q
+
+    def followed(self) -> list[str]:
+        """The jobs someone is subscribed to now; thread-safe."""
+        with self._lock:
+            return list(self._subs)
 
     def close(self) -> None:
         """End every subscription (the server is shutting down); thread-safe."""

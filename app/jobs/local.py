@@ -15,7 +15,11 @@ second until it is. Stopping the runner (the server's shutdown signal, then the
 lifespan's end) asks every child to stop between steps; they checkpoint, and
 their jobs go back to ``queued`` so the next start resumes them. Every
 ``PURGE_EVERY_S`` the corpus and state of jobs finished longer ago than
-``job_files_retention_s`` are removed.
+``job_files_retention_s`` are removed. A job process dies with its runner
+(``app/jobs/lifeline.py``): killed runner, killed job, resumed once elsewhere.
+
+Under ``charnn serve --workers N`` one process runs a ``LocalRunner``
+(``app/jobs/role.py``), which ``adopt``s the jobs the other processes stored.
 """
 
 from __future__ import annotations
@@ -23,9 +27,11 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing as mp
+import os
 import threading
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from multiprocessing.synchronize import Event
@@ -35,7 +41,7 @@ from typing import Any
 from ..domain import ModelLimits
 from ..store.base import LocalStore, ModelRecord, StoreError
 from ..store.faults import describe_os_error
-from . import process
+from . import lifeline
 from .lifecycle import Announce, Lifecycle, Outcome, Run
 
 log = logging.getLogger("charnn.jobs")
@@ -129,6 +135,21 @@ class LocalRunner:
         with self._lock:
             self._queue.append(job_id)
         self._wake.set()
+
+    def adopt(self, job_ids: Iterable[str]) -> int:
+        """Queue, in the order given, the stored jobs this runner does not know yet
+        (queued, running or waiting to be requeued): those another process of the server
+        stored. How many were new; none once stopping (they resume at the next start).
+        One already finished meanwhile is dropped at launch (its row says so)."""
+        with self._lock:
+            if self._stopping:
+                return 0
+            known = {*self._queue, *self._running, *self._pending.requeues}
+            new = [job_id for job_id in job_ids if job_id not in known]
+            self._queue.extend(new)
+        if new:
+            self._wake.set()
+        return len(new)
 
     def cancel(self, job_id: str) -> bool:
         with self._lock:
@@ -227,8 +248,8 @@ class LocalRunner:
         parent, child_end = self._ctx.Pipe(duplex=False)
         stop = self._ctx.Event()
         proc = self._ctx.Process(
-            target=process.main,
-            args=(spec.to_dict(), child_end, stop),
+            target=lifeline.job_main,
+            args=(os.getpid(), spec.to_dict(), child_end, stop),
             name=f"charnn-job-{job_id[:8]}",
         )
         proc.start()

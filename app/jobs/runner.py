@@ -2,7 +2,9 @@
 
 Two implement it: ``LocalRunner`` (``local.py``: processes of this server, the
 embedded default) and ``CeleryRunner`` (``celery.py``: Celery workers anywhere,
-for scale-out). Both drive jobs through the same ``Lifecycle``.
+for scale-out). Both drive jobs through the same ``Lifecycle``. Under ``charnn
+serve --workers N`` each worker's ``LocalRunner`` is wrapped in a ``RunnerRole``
+(``role.py``): only the worker holding the role runs it.
 """
 
 from __future__ import annotations

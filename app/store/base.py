@@ -226,6 +226,17 @@ class LocalStore(Store, Protocol):
     def model_file(self, model_id: str) -> Path | None: ...
 
 
+class WorkerStore(LocalStore, Protocol):
+    """The embedded store as each process of ``charnn serve --workers N`` opens it: the
+    queue and the cancels as every process sees them, for the one that runs the jobs."""
+
+    data_dir: Path
+
+    def queued_job_ids(self) -> list[str]: ...
+    def request_cancel(self, job_id: str) -> JobRecord | None: ...
+    def cancel_requests(self) -> list[str]: ...
+
+
 class SharedStore(Store, Protocol):
     """A store that machines share (``PostgresStore``): it arbitrates which worker owns a
     running job, and every write a worker makes names it."""

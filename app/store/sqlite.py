@@ -4,6 +4,7 @@ Rows live in ``data_dir/charnn.db`` (WAL, ``synchronous=FULL``), bulk bytes in
 files::
 
     data_dir/charnn.lock                  held (flock) by the one server that owns the directory
+    data_dir/runner.lock                  held by the one process that runs jobs (``--workers N``)
     data_dir/jobs/<job_id>/corpus.txt     UTF-8 training text
     data_dir/jobs/<job_id>/state.npz      resume checkpoint (written by the job process)
     data_dir/models/<model_id>.npz        model checkpoint
@@ -14,6 +15,14 @@ at worst an orphan file. A delete renames the file aside inside its transaction
 and removes it after the commit. ``LocalStore``'s ``job_folder`` and
 ``model_file`` let the embedded runner's job processes read and write a job's
 files in place; everything else is the bytes-and-records ``Store`` protocol.
+
+``charnn serve --workers N`` runs N API processes on one directory: the parent
+holds ``charnn.lock`` and names itself in ``OWNER_ENV``; each worker opens the
+store with ``owner=`` that pid, which is verified (the lock is held, by that
+pid, the worker's parent) instead of taken. Then ``models_version`` is a row
+bumped in each model write's transaction, read through ``PRAGMA data_version``
+(almost free while nobody committed), and a cancel is recorded in
+``cancel_requests`` for the one process that runs jobs (``app/jobs/role.py``).
 """
 
 from __future__ import annotations
@@ -63,6 +72,10 @@ log = logging.getLogger("charnn.store")
 SCHEMA_VERSION = 1
 DB_NAME = "charnn.db"
 LOCK_NAME = "charnn.lock"
+# Set by `charnn serve --workers N` for its workers: the pid of the process holding LOCK_NAME.
+OWNER_ENV = "_CHARNN_DATA_DIR_OWNER"
+# Written after the owner's pid in LOCK_NAME once it is stopping: no worker takes over jobs.
+STOPPING = b"stopping\n"
 # A file or job folder renamed aside while its row is deleted: ".<name>.deleting".
 _DELETING = ".deleting"
 
@@ -113,6 +126,18 @@ _SCHEMA = (
     )""",
     "CREATE INDEX IF NOT EXISTS models_created ON models (created_at)",
     "CREATE INDEX IF NOT EXISTS models_name_created ON models (name, created_at)",
+    # Added without a version bump: new tables, which an older charnn simply ignores.
+    # models_version for every process of a multi-worker server, bumped with each model write.
+    """CREATE TABLE IF NOT EXISTS counters (
+        name TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
+    ) WITHOUT ROWID""",
+    "INSERT OR IGNORE INTO counters (name, value) VALUES ('models', 0)",
+    # Cancels asked of a process that does not run the jobs, for the one that does.
+    """CREATE TABLE IF NOT EXISTS cancel_requests (
+        job_id TEXT PRIMARY KEY,
+        requested_at REAL NOT NULL
+    ) WITHOUT ROWID""",
 )
 
 
@@ -133,10 +158,18 @@ class SqliteStore(SqlReads):
     and deleting the first one's files in flight. Opening also checks the database
     (SQLite's quick check; a lost or emptied database beside model files) and
     refuses a damaged one with what to do (``charnn check DIR``).
+
+    ``owner``: the pid of this process's parent, which holds the lock for a server of
+    several processes (``charnn serve --workers N``). The lock is verified, not taken;
+    the checks and the clean-up of temporary files are the owner's, done once before
+    any worker started (another worker's atomic write may be in flight now).
     """
 
-    def __init__(self, data_dir: str | os.PathLike[str], *, check: bool = True) -> None:
+    def __init__(
+        self, data_dir: str | os.PathLike[str], *, check: bool = True, owner: int | None = None
+    ) -> None:
         self.data_dir = Path(data_dir)
+        self.shared = owner is not None
         self._jobs_dir = self.data_dir / "jobs"
         self._models_dir = self.data_dir / "models"
         self._reported: set[str] = set()
@@ -147,9 +180,21 @@ class SqliteStore(SqlReads):
             raise StoreError(
                 f"cannot use {self.data_dir} as the data directory: {describe_os_error(e)}"
             ) from None
-        self._lock_fd = lock_data_dir(self.data_dir)
+        if owner is None:
+            self._lock_fd = lock_data_dir(self.data_dir)
+        else:
+            trust_owner(self.data_dir, owner)
+            self._lock_fd = -1
+            check = False
         self._lock = threading.Lock()
         self._models_version = 0
+        # Shared: models_version is the counters row, read on a connection of its own
+        # (never behind a write transaction of self._conn) only when PRAGMA data_version
+        # says some connection committed since the last read.
+        self._version_conn: sqlite3.Connection | None = None
+        self._version_lock = threading.Lock()
+        self._data_version: int | None = None
+        self._shared_version = 0
         db = self.data_dir / DB_NAME
         existed = db.is_file() and db.stat().st_size > 0
         if not existed and check:
@@ -173,16 +218,21 @@ class SqliteStore(SqlReads):
             self._conn.execute("PRAGMA synchronous=FULL")
             self._conn.execute("PRAGMA foreign_keys=ON")
             self._init_schema()
-            _remove_temp_files(self.data_dir)
+            if not self.shared:
+                _remove_temp_files(self.data_dir)
             self._finish_deletions()
+            if self.shared:
+                self._version_conn = sqlite3.connect(
+                    db, timeout=30.0, isolation_level=None, check_same_thread=False
+                )
         except sqlite3.DatabaseError as e:
-            self._conn.close()
+            self._close_connections()
             self._unlock()
             raise StoreDamaged(
                 f"{db} is damaged ({e}); run `charnn check {self.data_dir}` for details"
             ) from None
         except BaseException:
-            self._conn.close()
+            self._close_connections()
             self._unlock()
             raise
 
@@ -258,19 +308,27 @@ class SqliteStore(SqlReads):
 
     def _finish_deletions(self) -> None:
         """Deletions a crash interrupted: a file or folder renamed aside whose row still
-        exists goes back (the delete never committed); one whose row is gone is removed."""
-        for folder, table in ((self._models_dir, "models"), (self._jobs_dir, "jobs")):
-            for aside in folder.glob(f".*{_DELETING}"):
-                final = aside.name[1 : -len(_DELETING)]
-                item_id = final.removesuffix(".npz")
-                row = self._conn.execute(f"SELECT 1 FROM {table} WHERE id = ?", (item_id,))
-                try:
-                    if row.fetchone() is not None:
-                        aside.rename(folder / final)
-                    else:
-                        _remove(aside)
-                except OSError:
-                    log.warning("could not finish deleting %s", aside.name)
+        exists goes back (the delete never committed); one whose row is gone is removed.
+
+        Under the write lock: another process of the server renames aside only inside its
+        delete's write transaction, so none is half-way while this looks."""
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for folder, table in ((self._models_dir, "models"), (self._jobs_dir, "jobs")):
+                for aside in folder.glob(f".*{_DELETING}"):
+                    final = aside.name[1 : -len(_DELETING)]
+                    item_id = final.removesuffix(".npz")
+                    row = conn.execute(f"SELECT 1 FROM {table} WHERE id = ?", (item_id,))
+                    try:
+                        if row.fetchone() is not None:
+                            aside.rename(folder / final)
+                        else:
+                            _remove(aside)
+                    except OSError:
+                        log.warning("could not finish deleting %s", aside.name)
+        finally:
+            conn.execute("ROLLBACK")  # nothing written: the lock was all it was for
 
     # -- jobs -------------------------------------------------------------------
 
@@ -392,6 +450,7 @@ class SqliteStore(SqlReads):
                     folder.rename(aside)
                     moved = True
                 conn.execute("DELETE FROM metrics WHERE job_id = ?", (job_id,))
+                conn.execute("DELETE FROM cancel_requests WHERE job_id = ?", (job_id,))
                 conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
         except OSError as e:
             raise StoreUnavailable(
@@ -500,6 +559,7 @@ class SqliteStore(SqlReads):
                     "WHERE id = ?",
                     (status, time.time(), model_id, error, job_id),
                 )
+                conn.execute("DELETE FROM cancel_requests WHERE job_id = ?", (job_id,))
         except BaseException as exc:
             if model is not None:
                 path.unlink(missing_ok=True)
@@ -528,6 +588,38 @@ class SqliteStore(SqlReads):
                 (job_id,),
             )
             return cur.rowcount > 0
+
+    # -- the queue, as the processes of a multi-worker server share it ------------
+
+    def queued_job_ids(self) -> list[str]:
+        """Ids of the queued jobs, oldest first (the runner adopts those others stored)."""
+        rows = self._query(
+            "SELECT id FROM jobs WHERE status = 'queued' ORDER BY created_at ASC, rowid ASC"
+        )
+        return [r["id"] for r in rows]
+
+    def request_cancel(self, job_id: str) -> JobRecord | None:
+        """Record that a queued or running job is to be cancelled, for the process that
+        runs jobs (it answers with the job's outcome, which removes the request). The
+        job as it is, or None if unknown; a finished job is left as it is."""
+        if not valid_id(job_id):
+            return None
+        with self._tx() as conn:
+            row = conn.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is not None and row["status"] in ACTIVE_STATUSES:
+                conn.execute(
+                    "INSERT OR IGNORE INTO cancel_requests (job_id, requested_at) VALUES (?, ?)",
+                    (job_id, time.time()),
+                )
+        return self.get_job(job_id)
+
+    def cancel_requests(self) -> list[str]:
+        """Ids of the active jobs whose cancel was requested, oldest request first."""
+        rows = self._query(
+            "SELECT c.job_id FROM cancel_requests c JOIN jobs j ON j.id = c.job_id "
+            "WHERE j.status IN ('queued', 'running') ORDER BY c.requested_at ASC"
+        )
+        return [r["job_id"] for r in rows]
 
     # -- metrics ----------------------------------------------------------------
 
@@ -605,14 +697,32 @@ class SqliteStore(SqlReads):
                 model.dtype,
             ),
         )
+        _bump_models(conn)
         self._models_version += 1
 
     @property
     def models_version(self) -> int:
-        """Counts this store's model writes. One server owns a data directory (the
-        lock) and job processes never write models rows, so an in-memory counter sees
-        every change."""
-        return self._models_version
+        """Changes with every model insert or delete (the model cache's key).
+
+        One process owning the data directory: an in-memory count of its own writes
+        sees every change (job processes never write models rows). Several processes
+        (``shared``): the ``counters`` row, re-read only when ``PRAGMA data_version``
+        says another connection committed; a few microseconds per read."""
+        conn = self._version_conn
+        if conn is None:
+            return self._models_version
+        with self._version_lock:
+            try:
+                seen = conn.execute("PRAGMA data_version").fetchone()[0]
+                if seen != self._data_version:
+                    row = conn.execute("SELECT value FROM counters WHERE name = 'models'")
+                    found = row.fetchone()
+                    self._shared_version = int(found[0]) if found is not None else 0
+                    self._data_version = seen
+            except sqlite3.Error as e:
+                self._data_version = None
+                raise _sqlite_unavailable(e, "read") from None
+            return self._shared_version
 
     def delete_model(self, model_id: str) -> bool:
         """Delete the row and the file; True if the model existed.
@@ -635,6 +745,7 @@ class SqliteStore(SqlReads):
                 if path.exists():
                     path.rename(aside)
                     moved = True
+                _bump_models(conn)
                 self._models_version += 1
         except OSError as e:
             raise StoreUnavailable(
@@ -689,9 +800,22 @@ class SqliteStore(SqlReads):
 
     def close(self) -> None:
         """Close the database connection and release the data directory; idempotent."""
+        self._close_connections()
+        self._unlock()
+
+    def detach_lock(self) -> int:
+        """Close the database but keep the data directory locked: the lock's descriptor,
+        now the caller's (``charnn serve --workers N`` holds it while its workers serve)."""
+        self._close_connections()
+        fd, self._lock_fd = self._lock_fd, -1
+        return fd
+
+    def _close_connections(self) -> None:
         with self._lock:
             self._conn.close()
-        self._unlock()
+        with self._version_lock:
+            if self._version_conn is not None:
+                self._version_conn.close()
 
     def _unlock(self) -> None:
         fd, self._lock_fd = self._lock_fd, -1
@@ -714,12 +838,9 @@ def lock_data_dir(data_dir: Path) -> int:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        try:
-            owner = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-        except OSError:
-            owner = ""
+        owner = _lock_owner(fd)
         os.close(fd)
-        who = f" (pid {owner})" if owner.isdigit() else ""
+        who = f" (pid {owner})" if owner is not None else ""
         raise DataDirInUse(
             f"the data directory {data_dir} is in use by another charnn server{who}; "
             "stop it, or give this one its own --data-dir"
@@ -730,6 +851,69 @@ def lock_data_dir(data_dir: Path) -> int:
     except OSError:
         pass  # the lock is what matters; the pid is only for the message
     return fd
+
+
+def _lock_owner(fd: int) -> int | None:
+    """The pid on the lock file's first line (the rest may say ``STOPPING``)."""
+    try:
+        first = os.pread(fd, 64, 0).split(b"\n", 1)[0].decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    return int(first) if first.isdigit() else None
+
+
+def trust_owner(data_dir: Path, owner: int) -> None:
+    """Check that ``owner`` holds the data directory's lock for this process: it is this
+    process's parent, the lock is held, and the lock file names it. ``StoreError`` if not
+    (a stale variable in the environment, or a parent that lost the directory)."""
+    problem = None
+    fd = -1
+    if owner != os.getppid():
+        problem = f"pid {owner}, said to hold it, is not this process's parent"
+    else:
+        try:
+            fd = os.open(data_dir / LOCK_NAME, os.O_RDONLY)
+        except FileNotFoundError:
+            problem = "nobody holds its lock"
+        except OSError as e:
+            raise StoreError(
+                f"cannot check the lock of the data directory {data_dir}: {describe_os_error(e)}"
+            ) from None
+    if fd >= 0:
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                problem = "nobody holds its lock"  # we could take it: the owner does not
+            except OSError:
+                holder = _lock_owner(fd)
+                if holder != owner:
+                    problem = f"its lock is held by pid {holder}, not by pid {owner}"
+        finally:
+            os.close(fd)  # releases the shared lock if we took it
+    if problem is not None:
+        raise StoreError(f"this worker cannot use the data directory {data_dir}: {problem}")
+
+
+def mark_stopping(fd: int) -> None:
+    """Say in the lock file (``fd``: the owner's) that the server is stopping, so that no
+    worker takes over the jobs of one that already stopped."""
+    try:
+        os.pwrite(fd, f"{os.getpid()}\n".encode() + STOPPING, 0)
+    except OSError:
+        pass  # then a worker may still take the role over: its jobs stop again at once
+
+
+def owner_stopping(data_dir: Path) -> bool:
+    """Whether the owner of the data directory's lock said it is stopping."""
+    try:
+        return STOPPING in (data_dir / LOCK_NAME).read_bytes()[:64]
+    except OSError:
+        return False
+
+
+def _bump_models(conn: sqlite3.Connection) -> None:
+    """``models_version``'s row, in the caller's model write transaction."""
+    conn.execute("UPDATE counters SET value = value + 1 WHERE name = 'models'")
 
 
 def _quick_check(conn: sqlite3.Connection, db: Path) -> None:
