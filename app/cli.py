@@ -239,6 +239,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "http": "app.api.http_protocol:HeaderTimeoutProtocol",
         "timeout_keep_alive": settings.keep_alive_s,
         "timeout_graceful_shutdown": settings.shutdown_timeout_s,
+        # Typing sessions' answers are a few hundred bytes: compressing each cost ~9 % of
+        # the server's time per keystroke (py-spy) to save little on a LAN.
+        "ws_per_message_deflate": False,
     }
     if workers > 1:
         if lock is not None:  # the embedded store: the workers trust this process's lock
