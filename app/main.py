@@ -30,7 +30,7 @@ from .api.deps import AppState
 from .api.limits import BodyLimitMiddleware
 from .api.observe import ObserveMiddleware
 from .api.openapi import install_openapi
-from .api.security import JsonCORSMiddleware, SecurityHeadersMiddleware
+from .api.security import JsonCORSMiddleware, security_headers
 from .api.shutdown import ShutdownWatch
 from .errors import install_error_handlers
 from .jobs.events import EventHub
@@ -150,8 +150,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["Authorization", "X-API-Key", "Content-Type"],
         )
-    app.add_middleware(SecurityHeadersMiddleware)
-    app.add_middleware(ObserveMiddleware)  # outermost: every answer has its id and metrics
+    # outermost: every answer has its id, its metrics and the security headers (one pass)
+    app.add_middleware(ObserveMiddleware, headers=security_headers)
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(jobs.router)

@@ -13,11 +13,15 @@ server gets nearly one to itself.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import WebSocketException
 
 
 def post(host: str, port: int, path: str, body: bytes) -> bytes:
@@ -79,15 +83,27 @@ async def closed_loop(
     host: str, port: int, requests: Callable[[int], bytes], clients: int, seconds: float
 ) -> Outcome:
     """``clients`` connections, each sending ``requests(i)`` for i = its next number."""
-    out = Outcome()
     counter = iter(range(1 << 62))
+    return await closed_loop_sessions(
+        host, port, lambda c, k: requests(next(counter)), clients, seconds
+    )
+
+
+async def closed_loop_sessions(
+    host: str, port: int, requests: Callable[[int, int], bytes], clients: int, seconds: float
+) -> Outcome:
+    """``clients`` connections, client c sending ``requests(c, k)`` for k = 0, 1, ...: each
+    client is one user (a person typing sends the next keystroke after the last answer)."""
+    out = Outcome()
     stop = time.perf_counter() + seconds
 
-    async def client() -> None:
+    async def client(c: int) -> None:
         conn = await _connect(host, port)
+        k = 0
         try:
             while time.perf_counter() < stop:
-                raw = requests(next(counter))
+                raw = requests(c, k)
+                k += 1
                 t0 = time.perf_counter()
                 try:
                     ok = 200 <= await conn.request(raw) < 300
@@ -103,7 +119,7 @@ async def closed_loop(
             conn.close()
 
     start = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(clients)))
+    await asyncio.gather(*(client(c) for c in range(clients)))
     out.elapsed_s = time.perf_counter() - start
     return out
 
@@ -173,3 +189,109 @@ def mixed(*makers: Callable[[int], bytes]) -> Callable[[int], bytes]:
 
 def cycle(bodies: Sequence[bytes]) -> Callable[[int], bytes]:
     return lambda i: bodies[i % len(bodies)]
+
+
+# ---------------------------------------------------------------- WebSocket sessions
+
+WsMessage = Callable[[int, int], str]  # (session, k) -> the session's k-th message
+
+
+def _answered(raw: str | bytes) -> bool:
+    """An answer that is not an error (every answer is a JSON object with a ``type``)."""
+    return bool(json.loads(raw).get("type") != "error")
+
+
+async def ws_open(
+    url: str, sessions: int, opening: Callable[[int], Sequence[str]]
+) -> list[ClientConnection]:
+    """``sessions`` WebSocket sessions, each past its first message (``ready``) and past
+    the answers to ``opening(session)`` (its prefix, say): untimed. A refused handshake
+    raises ``websockets.exceptions.InvalidStatus`` (its ``response.status_code``)."""
+
+    async def one(s: int) -> ClientConnection:
+        ws = await connect(url, proxy=None, max_queue=None)
+        await ws.recv()  # ready
+        for message in opening(s):
+            await ws.send(message)
+            if not _answered(await ws.recv()):
+                raise RuntimeError(f"session {s} refused its opening message {message[:80]!r}")
+        return ws
+
+    return list(await asyncio.gather(*(one(s) for s in range(sessions))))
+
+
+async def ws_close(conns: Sequence[ClientConnection]) -> None:
+    await asyncio.gather(*(ws.close() for ws in conns), return_exceptions=True)
+
+
+async def ws_closed_loop(
+    conns: Sequence[ClientConnection], message: WsMessage, seconds: float
+) -> Outcome:
+    """Every session sends its next message when the last one was answered."""
+    out = Outcome()
+    stop = time.perf_counter() + seconds
+
+    async def session(s: int, ws: ClientConnection) -> None:
+        k = 0
+        while time.perf_counter() < stop:
+            raw = message(s, k)
+            k += 1
+            t0 = time.perf_counter()
+            try:
+                await ws.send(raw)
+                ok = _answered(await ws.recv())
+            except WebSocketException:
+                out.errors += 1
+                return
+            if ok:
+                out.latencies_s.append(time.perf_counter() - t0)
+            else:
+                out.errors += 1
+
+    start = time.perf_counter()
+    await asyncio.gather(*(session(s, ws) for s, ws in enumerate(conns)))
+    out.elapsed_s = time.perf_counter() - start
+    return out
+
+
+async def ws_open_loop(
+    conns: Sequence[ClientConnection], message: WsMessage, rate: float, seconds: float
+) -> Outcome:
+    """Message i, due at i / rate, goes to session i mod n (its k = i // n) whatever the
+    earlier ones' fate; answers come back in order, each timed from its message's due time."""
+    out = Outcome()
+    n = len(conns)
+    pending: list[deque[float]] = [deque() for _ in conns]
+    total = int(rate * seconds)
+    expected = [len(range(s, total, n)) for s in range(n)]
+
+    async def receive(s: int, ws: ClientConnection) -> None:
+        for _ in range(expected[s]):
+            try:
+                raw = await ws.recv()
+            except WebSocketException:
+                out.errors += len(pending[s])
+                return
+            due = pending[s].popleft()
+            if _answered(raw):
+                out.latencies_s.append(time.perf_counter() - due)
+            else:
+                out.errors += 1
+
+    receivers = [asyncio.create_task(receive(s, ws)) for s, ws in enumerate(conns)]
+    start = time.perf_counter()
+    for i in range(total):
+        due = start + i / rate
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        s, k = i % n, i // n
+        pending[s].append(due)
+        try:
+            await conns[s].send(message(s, k))
+        except WebSocketException:
+            pending[s].pop()
+            out.errors += 1
+    await asyncio.gather(*receivers)
+    out.elapsed_s = time.perf_counter() - start
+    return out

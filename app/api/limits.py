@@ -2,13 +2,12 @@
 
 Starlette's own ``max_body_size`` answers a plain-text 413; this one keeps the
 JSON error body. A declared Content-Length over the limit is refused before a
-byte is read; a chunked body is counted as it arrives and refused when it
-crosses the limit.
+byte is read (and one within it is not counted again: the server reads no more than
+it); a chunked body is counted as it arrives and refused when it crosses the limit.
 """
 
 from __future__ import annotations
 
-from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import PayloadTooLarge, error_response
@@ -26,10 +25,15 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = Headers(scope=scope).get("content-length", "")
-        if declared.isdigit() and int(declared) > self.limit:
-            response = error_response(413, PayloadTooLarge.code, self._message())
-            await response(scope, receive, send)
+        declared = next((v for k, v in scope["headers"] if k == b"content-length"), b"")
+        if declared.isdigit():
+            if int(declared) > self.limit:
+                response = error_response(413, PayloadTooLarge.code, self._message())
+                await response(scope, receive, send)
+                return
+            # The server reads exactly a declared length (the rest would be the next
+            # request), so nothing more arrives to count: no wrapper on the hot path.
+            await self.app(scope, receive, send)
             return
         seen = 0
 

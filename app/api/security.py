@@ -7,15 +7,20 @@ this origin's own scripts, styles and connections, and forbids framing (the demo
 page ships no inline script or style, so it runs under it unchanged).
 ``/docs`` and ``/redoc`` (Swagger UI and ReDoc, from assets served here: see
 ``docs.py``) start with inline scripts that policy would block, so they get only
-the framing ban.
+the framing ban (and their own policy, which ``docs.py`` sets). A header the app
+set already is left as it is.
+
+``security_headers(path)`` names them; ``ObserveMiddleware`` (``observe.py``) adds
+them in its one pass over each answer's headers, beside the request id
+(``app/main.py`` wires it): a middleware of its own here cost a second ``send``
+wrapper on every request.
 """
 
 from __future__ import annotations
 
-from starlette.datastructures import Headers, MutableHeaders
+from starlette.datastructures import Headers
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import error_response
 
@@ -27,28 +32,17 @@ CSP = (
 _DOC_PAGES = ("/docs", "/redoc")
 
 
-class SecurityHeadersMiddleware:
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+_ALWAYS = (
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"x-frame-options", b"DENY"),
+)
+_WITH_CSP = (*_ALWAYS, (b"content-security-policy", CSP.encode("latin-1")))
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path: str = scope.get("path", "")
-        docs = path.startswith(_DOC_PAGES)
 
-        async def with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = MutableHeaders(scope=message)
-                headers.setdefault("X-Content-Type-Options", "nosniff")
-                headers.setdefault("Referrer-Policy", "no-referrer")
-                headers.setdefault("X-Frame-Options", "DENY")
-                if not docs:  # the doc pages set their own (app/api/docs.py)
-                    headers.setdefault("Content-Security-Policy", CSP)
-            await send(message)
-
-        await self.app(scope, receive, with_headers)
+def security_headers(path: str) -> tuple[tuple[bytes, bytes], ...]:
+    """The headers an answer to ``path`` carries (raw, in the order they are added)."""
+    return _ALWAYS if path.startswith(_DOC_PAGES) else _WITH_CSP
 
 
 class JsonCORSMiddleware(CORSMiddleware):

@@ -36,7 +36,6 @@ from .schemas import (
     GenerateOut,
     ModelList,
     ModelOut,
-    NextChar,
     PredictIn,
     PredictOut,
     ScoreIn,
@@ -131,13 +130,17 @@ class ModelService:
             order = order[: body.top_k]
         chars, top = vocab.chars, significant(probs[order])
         PREDICTIONS.labels(loaded.id).inc()
-        return PredictOut(
-            model=loaded.id,
-            text=body.text,
-            next=[
-                NextChar(char=chars[i], prob=p) for i, p in zip(order.tolist(), top, strict=True)
-            ],
-            entropy_bits=significant1(entropy_bits(probs)),
+        # Validated from plain dicts in one pydantic-core call: a third of the cost of
+        # building a NextChar object per character (the JSON is the same).
+        return PredictOut.model_validate(
+            {
+                "model": loaded.id,
+                "text": body.text,
+                "next": [
+                    {"char": chars[i], "prob": p} for i, p in zip(order.tolist(), top, strict=True)
+                ],
+                "entropy_bits": significant1(entropy_bits(probs)),
+            }
         )
 
     async def _sampler(self, body: GenerateIn) -> tuple[LoadedModel, np.ndarray, Chooser]:
