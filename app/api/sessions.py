@@ -202,9 +202,8 @@ async def answer(session: Session, raw: str | bytes, top_k: int | None) -> str:
         return _error(e.code, e.message, e.details, op.id)
     SESSION_MESSAGES.labels(op.op).inc()
     nxt, entropy = session.next(op.top_k if op.top_k is not None else top_k)
-    return SessionNext(
-        id=op.id, length=len(session.text), next=nxt, entropy_bits=entropy
-    ).model_dump_json()
+    answer = {"id": op.id, "length": len(session.text), "next": nxt, "entropy_bits": entropy}
+    return SessionNext.model_validate(answer).model_dump_json()
 
 
 @router.websocket("/sessions")
@@ -252,14 +251,16 @@ async def typing_session(ws: WebSocket) -> None:
             temperature=params.temperature,
         )
         nxt, entropy = session.next(params.top_k)
-        ready = SessionReady(
-            model=loaded.id,
-            vocab=list(loaded.ckpt.vocab.chars),
-            max_chars=settings.session_max_chars,
-            history=settings.session_history,
-            idle_s=settings.session_idle_s,
-            next=nxt,
-            entropy_bits=entropy,
+        ready = SessionReady.model_validate(
+            {
+                "model": loaded.id,
+                "vocab": list(loaded.ckpt.vocab.chars),
+                "max_chars": settings.session_max_chars,
+                "history": settings.session_history,
+                "idle_s": settings.session_idle_s,
+                "next": nxt,
+                "entropy_bits": entropy,
+            }
         )
         await ws.send_text(ready.model_dump_json())
         while True:

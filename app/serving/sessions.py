@@ -26,7 +26,6 @@ from ..errors import Invalid
 from . import slices
 from .cache import LoadedModel
 from .numbers import significant, significant1
-from .schemas import NextChar
 
 
 class Session:
@@ -96,15 +95,19 @@ class Session:
         self._after.clear()
         self._after.append(initial_state(self.loaded.weights))
 
-    def next(self, top_k: int | None) -> tuple[list[NextChar], float]:
-        """The next-character distribution, most likely first, and its entropy in bits."""
+    def next(self, top_k: int | None) -> tuple[list[dict[str, str | float]], float]:
+        """The next-character distribution, most likely first (``NextChar`` fields, as
+        plain dicts: validated with their message in one pydantic-core call), and its
+        entropy in bits."""
         probs = next_distribution(self.loaded.weights, self.state, self.temperature)
         order = np.argsort(-probs, kind="stable")
         if top_k is not None:
             order = order[:top_k]
         chars = self.loaded.ckpt.vocab.chars
         top = significant(probs[order])
-        out = [NextChar(char=chars[i], prob=p) for i, p in zip(order.tolist(), top, strict=True)]
+        out: list[dict[str, str | float]] = [
+            {"char": chars[i], "prob": p} for i, p in zip(order.tolist(), top, strict=True)
+        ]
         return out, significant1(entropy_bits(probs))
 
 
