@@ -315,11 +315,12 @@ def reserve(path: Path) -> Path:
 def fill(path: Path) -> Path:
     """Write until the filesystem says ENOSPC; the filler file (``reserve``'s, if made)."""
     filler = path / "filler"
-    with open(filler, "ab") as f:
+    # Unbuffered: a buffered file keeps the bytes a short write left behind and raises
+    # ENOSPC again when it is closed (whether it does depended on how full the disk was).
+    with open(filler, "ab", buffering=0) as f:
         try:
             while True:
                 f.write(b"\0" * (1 << 16))
-                f.flush()
         except OSError:
             pass
     return filler
