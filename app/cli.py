@@ -5,6 +5,7 @@
     charnn check DATA_DIR [--repair]
     charnn train CORPUS.txt|--example --out model.npz [--fit --hidden-size ... --patience ...]
     charnn sample|predict|score model.npz ...      (TEXT, @FILE or -f FILE)
+    charnn export model.npz --web DIR              (the model, charnn.js and a page)
     charnn remote train|jobs|predict|generate|score|models|download|upload ... [--url URL]
 
 Every failure a user can cause (a missing file, a bad flag value, an unreachable
@@ -618,6 +619,36 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """A folder any static host can serve: the weights, charnn.js and a page using them."""
+    from pathlib import Path
+
+    from model.atomic import atomic_write_bytes
+    from model.web import FILE_NAME, web_bytes
+
+    ckpt = _load(args.model)
+    out = Path(args.web)
+    here = Path(__file__).resolve().parent
+    extra = {k: str(v) for k, v in ckpt.extra.items() if k in ("name", "created_at")}
+    files = {
+        FILE_NAME: web_bytes(ckpt, extra),
+        "charnn.js": (here / "static" / "charnn.js").read_bytes(),
+        "index.html": (here / "export" / "index.html").read_bytes(),
+    }
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for name, data in files.items():
+            atomic_write_bytes(out / name, data)
+    except OSError as e:
+        raise CliError(f"cannot write {out}: {e.strerror or e}") from None
+    size = len(files[FILE_NAME])
+    print(
+        f"wrote {out}/{{{', '.join(files)}}} ({size:,} bytes of weights); serve the folder "
+        f"with any static file server, e.g. python -m http.server -d {out}"
+    )
+    return 0
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     from model.inference import score, score_summary
 
@@ -898,6 +929,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model file (.npz)")
     _add_text(p, "the text to score")
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser(
+        "export", help="write a model for the browser: weights, charnn.js and a page"
+    )
+    p.add_argument("model", help="model file (.npz)")
+    p.add_argument(
+        "--web",
+        required=True,
+        metavar="DIR",
+        help="folder to write model.safetensors, charnn.js and index.html into",
+    )
+    p.set_defaults(func=cmd_export)
 
     remote = sub.add_parser("remote", help="the same against a running server")
     rsub = remote.add_subparsers(

@@ -44,6 +44,7 @@ OPERATIONS = [
     "GET /models/{model_id}",
     "DELETE /models/{model_id}",
     "GET /models/{model_id}/checkpoint",
+    "GET /models/{model_id}/web",
 ]
 
 

@@ -17,6 +17,7 @@ from starlette.datastructures import UploadFile
 
 from ..domain import MAX_NAME_CHARS
 from ..errors import Invalid
+from ..serving.export import etag, web_export
 from ..serving.schemas import (
     GenerateIn,
     GenerateOut,
@@ -123,6 +124,36 @@ def download_checkpoint(model_id: str, state: StateDep) -> Response:
         "Content-Disposition": f'attachment; filename="{model_id}.npz"',
         "X-Model-Id": model_id,
     }
+    return Response(data, media_type="application/octet-stream", headers=headers)
+
+
+@router.get(
+    "/models/{model_id}/web",
+    response_class=Response,
+    responses={
+        **errors(404, 503),
+        200: {"content": {"application/octet-stream": {"schema": {"type": "string"}}}},
+        304: {"description": "the client's copy (If-None-Match) is current"},
+    },
+)
+async def download_web(model_id: str, request: Request, state: StateDep) -> Response:
+    """The model for the browser, by id or name: one file in the safetensors layout
+    (float32 weights, vocabulary, hidden size, format version) that ``/static/charnn.js``
+    loads. Cached for a year by id (a model never changes); by name, revalidated with
+    its ETag, since a name can come to mean a newer model."""
+    resolved, data = await web_export(state.models, model_id)
+    tag = etag(resolved)
+    headers = {
+        "ETag": tag,
+        "X-Model-Id": resolved,
+        "Cache-Control": (
+            "public, max-age=31536000, immutable" if resolved == model_id else "no-cache"
+        ),
+        "Content-Disposition": f'attachment; filename="{resolved}.safetensors"',
+    }
+    asked = request.headers.get("if-none-match", "")
+    if tag in (t.strip().removeprefix("W/") for t in asked.split(",")) or asked.strip() == "*":
+        return Response(status_code=304, headers=headers)
     return Response(data, media_type="application/octet-stream", headers=headers)
 
 

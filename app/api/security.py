@@ -4,7 +4,9 @@ Every response says ``X-Content-Type-Options: nosniff`` (a JSON answer is never
 sniffed into HTML) and ``Referrer-Policy: no-referrer``; every response but the
 API documentation pages also carries a Content-Security-Policy that allows only
 this origin's own scripts, styles and connections, and forbids framing (the demo
-page ships no inline script or style, so it runs under it unchanged).
+page ships no inline script or style, so it runs under it unchanged). It allows
+``'wasm-unsafe-eval'``: charnn.js compiles its WebAssembly SIMD kernel from bytes
+(that keyword lets a page compile WebAssembly, not evaluate JavaScript strings).
 ``/docs`` and ``/redoc`` (Swagger UI and ReDoc, from assets served here: see
 ``docs.py``) start with inline scripts that policy would block, so they get only
 the framing ban (and their own policy, which ``docs.py`` sets). A header the app
@@ -25,7 +27,8 @@ from starlette.responses import Response
 from ..errors import error_response
 
 CSP = (
-    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; style-src 'self'; "
+    "img-src 'self' data:; "
     "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
     "frame-ancestors 'none'"
 )

@@ -46,6 +46,7 @@ class LoadedModel:
     _states: OrderedDict[str, np.ndarray] = field(default_factory=OrderedDict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _batcher: Batcher | None = None
+    web: bytes | None = None  # its web export (app/serving/export.py), once asked for
 
     def __post_init__(self) -> None:
         self.weights = InferenceWeights.of(self.ckpt.params)

@@ -487,7 +487,8 @@ let predictSeq = 0;
 
 function predictSoon() {
   clearTimeout(predictTimer);
-  predictTimer = setTimeout(predict, 40);
+  // In the page a prediction costs well under a millisecond: no need to wait for a pause.
+  predictTimer = setTimeout(predict, $("predict-local").checked ? 0 : 40);
 }
 
 function renderBars(next) {
@@ -524,6 +525,26 @@ function renderBars(next) {
   }
 }
 
+// In-page predictions: the model's web export, run by charnn.js (loaded on first use).
+let charnnModule = null;
+const pageModels = new Map(); // model id -> Promise<charnn.Model>
+
+function pageModel(m) {
+  if (!pageModels.has(m.id)) {
+    charnnModule ||= import("./charnn.js");
+    const loading = charnnModule.then((charnn) => charnn.load(`models/${encodeURIComponent(m.id)}/web`));
+    loading.catch(() => pageModels.delete(m.id)); // a failed load is tried again next time
+    pageModels.set(m.id, loading);
+  }
+  return pageModels.get(m.id);
+}
+
+function entropyOf(next) {
+  let h = 0;
+  for (const { prob } of next) if (prob > 0) h -= prob * Math.log2(prob);
+  return h;
+}
+
 async function predict() {
   const m = selectedModel();
   if (!m) {
@@ -532,12 +553,29 @@ async function predict() {
     return;
   }
   const seq = ++predictSeq;
+  const text = $("predict-text").value;
+  const local = $("predict-local").checked;
   try {
-    const out = await api("predict", { method: "POST", body: { model: m.id, text: $("predict-text").value, top_k: 10 } });
-    if (seq !== predictSeq) return; // an older answer arriving late
+    let next, entropy, took;
+    if (local) {
+      const model = await pageModel(m);
+      if (seq !== predictSeq) return;
+      const t0 = performance.now();
+      const all = model.predict(text); // the whole distribution: its entropy, then the top 10
+      took = `${(performance.now() - t0).toFixed(2)} ms in this page (${model.engine})`;
+      next = all.slice(0, 10);
+      entropy = entropyOf(all);
+    } else {
+      const t0 = performance.now();
+      const out = await api("predict", { method: "POST", body: { model: m.id, text, top_k: 10 } });
+      if (seq !== predictSeq) return; // an older answer arriving late
+      took = `${(performance.now() - t0).toFixed(1)} ms from the server`;
+      next = out.next;
+      entropy = out.entropy_bits;
+    }
     showError("predict-error", null);
-    renderBars(out.next);
-    $("predict-info").textContent = `entropy ${fmt(out.entropy_bits, 2)} bits`;
+    renderBars(next);
+    $("predict-info").textContent = `entropy ${fmt(entropy, 2)} bits · ${took}`;
   } catch (error) {
     if (seq !== predictSeq) return;
     showError("predict-error", error);
@@ -618,6 +656,7 @@ function init() {
   $("models-refresh").addEventListener("click", () => loadModels());
   $("model-select").addEventListener("change", modelChanged);
   $("predict-text").addEventListener("input", predictSoon);
+  $("predict-local").addEventListener("change", predictSoon);
   $("gen-temperature").addEventListener("input", () => {
     $("gen-temperature-value").textContent = Number($("gen-temperature").value).toFixed(2);
   });
