@@ -179,6 +179,28 @@ ERRORS = """async ({url}) => {
 }"""
 
 
+RESPONSIVE = """async ({url}) => {
+  const m = await charnn.load(url);
+  let beats = 0;
+  const timer = setInterval(() => { beats++; }, 0);
+  let during = 0, chars = 0;
+  for await (const ch of m.generate({length: 30000, seed: 3})) {
+    chars++;
+    if (chars === 29999) during = beats;
+  }
+  clearInterval(timer);
+  return {during, chars};
+}"""
+
+
+def test_generation_lets_the_page_run(page: Page, models: dict[int, str]) -> None:
+    """A long sample yields to the page as it goes: timers fire while it runs (if it never
+    yielded, none could until it ended)."""
+    got = in_page(page, RESPONSIVE, {"url": f"/models/{models[256]}/web"})
+    assert got["chars"] == 30000
+    assert got["during"] >= 3, got
+
+
 def test_clear_errors(page: Page, models: dict[int, str]) -> None:
     got = in_page(page, ERRORS, {"url": f"/models/{models[16]}/web"})
     unknown = got["unknown"]
@@ -254,6 +276,19 @@ def test_the_exported_folder_works_from_a_static_server(
         want = server_distribution(server.url, models[128], text)
         mine = {n["char"]: n["prob"] for n in answer}
         assert mine == pytest.approx(want, abs=1e-5), text
+    text, prompt = CORPUS[:200], "It is "
+    mine = page.evaluate(
+        """async ({text, prompt}) => {
+            const charnn = await import('./charnn.js');
+            const m = await charnn.load('model.safetensors');
+            return {score: m.score(text), greedy: await m.generateText({prompt, temperature: 0})};
+        }""",
+        {"text": text, "prompt": prompt},
+    )
+    want = httpx.post(server.url + "/score", json={"model": models[128], "text": text}).json()
+    assert mine["score"]["logprobs"] == pytest.approx(want["logprobs"], abs=1e-4)
+    body = {"model": models[128], "prompt": prompt, "max_chars": 200, "temperature": 0}
+    assert mine["greedy"] == httpx.post(server.url + "/generate", json=body).json()["text"]
     context.close()
     assert not errors, errors
     assert not foreign, foreign

@@ -708,9 +708,12 @@ function rotl(x, k) {
   return (x << k) | (x >>> (32 - k));
 }
 
-/** Let the page run (input, rendering) before going on: a new task, not a microtask. */
+/**
+ * Let the page run before going on: a new task, not a microtask. A MessageChannel task
+ * queues behind what is already waiting (timers, network callbacks, input), where
+ * scheduler.yield() would jump ahead of other tasks.
+ */
 function nextTask() {
-  if (globalThis.scheduler?.yield) return globalThis.scheduler.yield();
   if (typeof MessageChannel === "undefined") return new Promise((resolve) => setTimeout(resolve, 0));
   return new Promise((resolve) => {
     const channel = new MessageChannel();
