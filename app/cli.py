@@ -6,7 +6,8 @@
     charnn train CORPUS.txt|--example --out model.npz [--fit --hidden-size ... --patience ...]
     charnn sample|predict|score model.npz ...      (TEXT, @FILE or -f FILE)
     charnn export model.npz --web DIR              (the model, charnn.js and a page)
-    charnn remote train|jobs|predict|generate|score|models|download|upload ... [--url URL]
+    charnn remote train|jobs|pause|resume|cancel|predict|generate|score|models|download|upload
+        ... [--url URL]
 
 Every failure a user can cause (a missing file, a bad flag value, an unreachable
 or refusing server) ends as one ``charnn: error: ...`` line and exit status 1
@@ -181,7 +182,16 @@ def _progress_bar(total: int | None, desc: str) -> Any:
     return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, file=sys.stderr)
 
 
-def _postfix(train_loss: float | None, val_loss: float | None, cps: float | None) -> str:
+def _postfix(
+    train_loss: float | None,
+    val_loss: float | None,
+    cps: float | None,
+    grad_norm: float | None = None,
+    lr: float | None = None,
+    clipped: bool | None = None,
+) -> str:
+    """The bar's one line: losses, speed, and the step's gradient norm (a "*" when it was
+    clipped) and learning rate, as char-rnn printed them."""
     parts = []
     if train_loss is not None:
         parts.append(f"loss {train_loss:.3f}")
@@ -189,6 +199,10 @@ def _postfix(train_loss: float | None, val_loss: float | None, cps: float | None
         parts.append(f"val {val_loss:.3f}")
     if cps:
         parts.append(f"{cps / 1000:.0f}k chars/s")
+    if grad_norm is not None:
+        parts.append(f"|g| {grad_norm:.3g}{'*' if clipped else ''}")
+    if lr is not None:
+        parts.append(f"lr {lr:.2e}")
     return ", ".join(parts)
 
 
@@ -535,7 +549,16 @@ def cmd_train(args: argparse.Namespace) -> int:
             val = event.val_loss if event.val_loss is not None else val
             if bar is not None:
                 bar.update(event.step - bar.n)
-                bar.set_postfix_str(_postfix(event.train_loss, val, event.chars_per_sec))
+                bar.set_postfix_str(
+                    _postfix(
+                        event.train_loss,
+                        val,
+                        event.chars_per_sec,
+                        event.grad_norm,
+                        event.learning_rate,
+                        event.clipped,
+                    )
+                )
     finally:
         signal.signal(signal.SIGINT, previous)
         if bar is not None:
@@ -678,7 +701,9 @@ def cmd_remote_train(args: argparse.Namespace) -> int:
     name = args.name or _corpus_name(args)
     hp = {**_fitted(args, text), **_hyperparameters(args)}
     with _client(args) as client:
-        job = client.train(text, name=name, seed=args.seed, **hp)
+        # A key (given, else the client's uuid4): its own retry never starts a second job.
+        key = args.idempotency_key
+        job = client.train(text, name=name, seed=args.seed, idempotency_key=key, **hp)
         print(f"job {job.id} queued", file=sys.stderr)
         if not args.wait:
             print(job.id)
@@ -778,6 +803,21 @@ def cmd_remote_jobs(args: argparse.Namespace) -> int:
         return 0
     for j in page.items:
         print(f"{j.id}  {j.status:9s}  step {j.progress.step:>7d}  {j.name}")
+    return 0
+
+
+def cmd_remote_steer(args: argparse.Namespace) -> int:
+    """``remote pause|resume|cancel JOB``: one line saying where the job is now."""
+    with _client(args) as client:
+        job = getattr(client.job(args.job), args.remote_command)()
+    if args.json:
+        print(job.model_dump_json())
+        return 0
+    doing = {"pause": "pausing", "cancel": "cancelling"}.get(args.remote_command)
+    if job.status == "running" and doing:  # the server's 202: still stopping
+        print(f"{job.id}  {doing} at step {job.progress.step} (stops at its next step)")
+    else:
+        print(f"{job.id}  {job.status} at step {job.progress.step}")
     return 0
 
 
@@ -952,6 +992,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="model name (default: the file name)")
     p.add_argument("--wait", action="store_true", help="follow the job with a progress bar")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--idempotency-key",
+        metavar="KEY",
+        help="the same KEY and corpus answer the first job instead of a second (24 h); "
+        "default: a new key per command, resent by its own retry",
+    )
     _add_hyperparameters(p)
     _remote_flags(p)
     p.set_defaults(func=cmd_remote_train)
@@ -961,6 +1007,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     _remote_flags(p)
     p.set_defaults(func=cmd_remote_jobs)
+
+    for command, what in (
+        ("pause", "checkpoint a job at its next step and free its slot"),
+        ("resume", "queue a paused job again; it continues exactly where it paused"),
+        ("cancel", "stop a queued, running or paused job for good"),
+    ):
+        p = rsub.add_parser(command, help=what)
+        p.add_argument("job", metavar="JOB", help="the job's id")
+        p.add_argument("--json", action="store_true", help="print the job as JSON")
+        _remote_flags(p)
+        p.set_defaults(func=cmd_remote_steer)
 
     p = rsub.add_parser("predict", help="next-character probabilities after a text")
     _add_text(p, "the prefix (omitted or '': the empty one)")

@@ -16,9 +16,13 @@ from pydantic import AfterValidator, StringConstraints
 # Where `charnn serve` listens by default, and so where the client and `charnn remote` look.
 DEFAULT_URL = "http://127.0.0.1:8000"
 
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+JobStatus = Literal["queued", "running", "paused", "succeeded", "failed", "cancelled"]
 JOB_STATUSES: tuple[JobStatus, ...] = get_args(JobStatus)
+# Active: a runner holds the job (queued for a slot, or training); a crash-restart resumes
+# these. A paused job is checkpointed and held by no runner: not active (it stays paused
+# across restarts) and not finished (it can be resumed or cancelled, not deleted).
 ACTIVE_STATUSES: tuple[JobStatus, ...] = ("queued", "running")
+UNFINISHED_STATUSES: tuple[JobStatus, ...] = ("queued", "running", "paused")
 TERMINAL_STATUSES: tuple[JobStatus, ...] = ("succeeded", "failed", "cancelled")
 
 

@@ -108,6 +108,27 @@ def error_response(
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
+def error_payload(exc: Exception, doing: str) -> dict[str, Any]:
+    """The error shape for a failure after a stream's 200 was sent (its ``error`` event):
+    the code the same failure would have answered, in words; never a trace."""
+    if isinstance(exc, ServiceError):
+        code, message, details = exc.code, exc.message, exc.details
+    elif type(exc) in _MODEL_ERRORS:
+        code, message, details = _MODEL_ERRORS[type(exc)][1], str(exc), None
+    elif isinstance(exc, StoreUnavailable):
+        code, message, details = Unavailable.code, str(exc), None
+    else:
+        log.error("%s failed midway", doing, exc_info=exc)
+        code, message, details = "internal", "internal error; the server log has the details", None
+    detail = ErrorDetail(
+        code=code,
+        message=f"{doing} failed midway: {message}",
+        details=details,
+        request_id=REQUEST_ID.get(),
+    )
+    return ErrorBody(error=detail).model_dump()
+
+
 SURROGATE_MESSAGE = (
     "contains a lone UTF-16 surrogate (\\ud800-\\udfff) or a broken \\u escape; "
     "strings must be valid Unicode text"

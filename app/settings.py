@@ -107,6 +107,25 @@ class Settings(BaseSettings):
         ge=0,
         description="Jobs that may wait for a slot; beyond this, new jobs are refused.",
     )
+    max_paused_jobs: int = Field(
+        default=16,
+        ge=0,
+        le=100_000,
+        description=(
+            "Jobs that may be paused at once (each keeps its corpus and checkpoint); "
+            "beyond this, a pause is refused (429) until one is resumed or cancelled."
+        ),
+    )
+    idempotency_ttl_s: float = Field(
+        default=86_400,
+        ge=1,
+        le=30 * 86_400,
+        allow_inf_nan=False,
+        description=(
+            "Seconds a POST /jobs Idempotency-Key holds: the same key and body answer "
+            "the first job until then; after it, the key may start a new job."
+        ),
+    )
     job_threads: int = Field(
         default=_JOB_THREADS,
         ge=1,

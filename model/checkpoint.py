@@ -197,6 +197,8 @@ def state_to_bytes(state: TrainState) -> bytes:
         "last_val_loss": state.last_val_loss,
         "last_eval_step": state.last_eval_step,
         "stop_reason": state.stop_reason,
+        "loss_sum": state.loss_sum,
+        "loss_n": state.loss_n,
     }
     meta_text = _dump_meta(meta)
     try:
@@ -304,6 +306,9 @@ def _state_from_parts(arrays: Mapping[str, np.ndarray], meta: dict[str, Any]) ->
         last_val_loss=_meta_opt_float(meta, "last_val_loss"),
         last_eval_step=last_eval_step,
         stop_reason=cast("StopReason | None", stop_reason),
+        # Absent from states saved before pause existed: the mean restarts there.
+        loss_sum=_meta_opt_float(meta, "loss_sum") or 0.0,
+        loss_n=_meta_int(meta, "loss_n") if "loss_n" in meta else 0,
     )
 
 

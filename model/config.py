@@ -20,6 +20,8 @@ DType = Literal["float32", "float64"]
 OPTIMIZER_NAMES: tuple[str, ...] = get_args(Optimizer)
 DTYPE_NAMES: tuple[str, ...] = get_args(DType)
 StopReason = Literal["max_steps", "time_limit", "early_stopping", "stopped"]
+# A sample rides in every evaluation's event and metric point: short by rule.
+MAX_SAMPLE_LENGTH = 1000
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,8 @@ class TrainConfig:
     dtype: str = "float32"  # float32 | float64
     seed: int = 0
     log_every: int = 10  # steps between progress events
+    sample_length: int = 100  # characters sampled from the current weights at each eval; 0: off
+    sample_temperature: float = 0.8  # of those samples; 0 is greedy
 
     def __post_init__(self) -> None:
         problems = []
@@ -75,6 +79,10 @@ class TrainConfig:
             problems.append("lr_final must be in (0, 1]")
         if self.dtype not in DTYPE_NAMES:
             problems.append(f"dtype must be one of {', '.join(DTYPE_NAMES)}")
+        if not 0 <= self.sample_length <= MAX_SAMPLE_LENGTH:
+            problems.append(f"sample_length must be in [0, {MAX_SAMPLE_LENGTH}]")
+        if not (math.isfinite(self.sample_temperature) and 0 <= self.sample_temperature <= 10):
+            problems.append("sample_temperature must be in [0, 10]")
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -141,5 +149,12 @@ SERVED: tuple[Hyperparameter, ...] = (
     ),
     Hyperparameter("log_every", "steps between progress events", ge=1, le=10**9),
     Hyperparameter("dtype", "precision of weights and math", choices=DTYPE_NAMES),
+    Hyperparameter(
+        "sample_length",
+        "characters sampled from the current weights at each evaluation (0: none)",
+        ge=0,
+        le=MAX_SAMPLE_LENGTH,
+    ),
+    Hyperparameter("sample_temperature", "of those samples (0: greedy)", ge=0, le=10),
 )
 HYPERPARAMETERS: dict[str, Hyperparameter] = {h.name: h for h in SERVED}

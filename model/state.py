@@ -38,6 +38,8 @@ class TrainState:
     last_val_loss: float | None = None
     last_eval_step: int | None = None
     stop_reason: StopReason | None = None
+    loss_sum: float = 0.0  # train losses since the last progress event (its mean's parts)
+    loss_n: int = 0
 
 
 @dataclass(frozen=True)

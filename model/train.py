@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from . import data
+from . import data, inference
 from .config import StopReason, TrainConfig
 from .errors import ConfigError, CorpusError, DivergedError
 from .optim import Optimizer, clip_by_global_norm
@@ -50,6 +50,8 @@ __all__ = [  # TrainConfig and the state records live in their own modules; also
 
 # Both shards at once where there are two cores; results do not depend on it.
 DEFAULT_THREADS = min(2, os.cpu_count() or 1)
+# Third word of a sample's seed: keeps it apart from any other (seed, step) stream.
+_SAMPLE_STREAM = 0x73616D70
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,30 @@ class Progress:
     total_steps: int | None
     best_val_loss: float | None
     best_step: int | None
+    # Diagnostics of the step logged: None where a caller builds an event without them.
+    grad_norm: float | None = None  # global L2 norm of the gradient, before clipping
+    clipped: bool | None = None  # whether grad_clip scaled it down
+    learning_rate: float | None = None  # the step size that step used (the cosine schedule)
+    sample: str | None = None  # at evaluations: eval_sample of the current weights
+
+
+def eval_sample(params: Params, vocab: Vocab, config: TrainConfig, step: int) -> str:
+    """``config.sample_length`` characters of ``params`` from the empty prefix.
+
+    Its generator is seeded by (seed, step) and its own: the training stream is left
+    untouched, so a run with samples is bit-identical to one without, and a resumed
+    or paused run shows the same samples as an uninterrupted one."""
+    if config.sample_length == 0:
+        return ""
+    rng = np.random.default_rng([config.seed, step, _SAMPLE_STREAM])
+    text, _ = inference.sample(
+        params,
+        vocab,
+        max_chars=config.sample_length,
+        temperature=config.sample_temperature,
+        rng=rng,
+    )
+    return text
 
 
 def corpus_digest(text: str) -> str:
@@ -236,7 +262,9 @@ class Trainer:
         )
         self._pool = ThreadPoolExecutor(2) if self.threads > 1 else None
         start = time.perf_counter() - s.elapsed_s
-        mark_t, mark_step, loss_sum, loss_n = time.perf_counter(), s.step, 0.0, 0
+        # The mean train loss since the last event resumes with the state: a run stopped
+        # between events (a pause) reports the same mean at its next event as one that was not.
+        mark_t, mark_step, loss_sum, loss_n = time.perf_counter(), s.step, s.loss_sum, s.loss_n
         try:
             s.stop_reason = None
             while True:
@@ -255,6 +283,7 @@ class Trainer:
                 loss = sharded(s.params, X, Y, s.hidden)
                 grads = sharded.grads.flat
                 norm = clip_by_global_norm(grads, cfg.grad_clip)
+                clipped = 0 < cfg.grad_clip < norm
                 if not math.isfinite(norm) or self._diverged(loss):
                     raise DivergedError(s.step + 1, loss)
                 lr = self._learning_rate()
@@ -268,17 +297,20 @@ class Trainer:
                 s.last_train_loss = loss
                 loss_sum += loss
                 loss_n += 1
+                s.loss_sum, s.loss_n = loss_sum, loss_n
 
-                val = None
+                val, sample = None, None
                 last = cfg.max_steps is not None and s.step >= cfg.max_steps
                 if s.step % cfg.eval_every == 0 or last:
+                    if cfg.sample_length:
+                        sample = eval_sample(s.params, s.vocab, cfg, s.step)
                     val = self._evaluate()
                     if val is not None:
                         if self._diverged(val):
                             raise DivergedError(s.step, val)
                         self._record_eval(val)
                 s.elapsed_s = time.perf_counter() - start
-                if val is not None or s.step % cfg.log_every == 0 or last:
+                if val is not None or sample is not None or s.step % cfg.log_every == 0 or last:
                     now = time.perf_counter()
                     cps = (s.step - mark_step) * self.chars_per_step / max(now - mark_t, 1e-9)
                     yield Progress(
@@ -291,8 +323,13 @@ class Trainer:
                         total_steps=cfg.max_steps,
                         best_val_loss=s.best_val_loss,
                         best_step=s.best_step,
+                        grad_norm=norm,
+                        clipped=clipped,
+                        learning_rate=lr,
+                        sample=sample,
                     )
                     mark_t, mark_step, loss_sum, loss_n = time.perf_counter(), s.step, 0.0, 0
+                    s.loss_sum, s.loss_n = 0.0, 0
             # The best model must have seen the final weights too (unless stopped from
             # outside: then the run may be resumed and must continue exactly).
             if s.stop_reason != "stopped" and s.step > 0 and s.last_eval_step != s.step:

@@ -50,6 +50,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     r = charnn("train", str(corpus), "--out", str(out), "--max-steps", "150", *TINY)
     assert r.returncode == 0, r.stderr
     assert "training" in r.stderr  # the progress bar
+    assert "|g| " in r.stderr and ", lr " in r.stderr  # with the gradient norm and the lr
     assert "done after 150 steps" in r.stdout and str(out) in r.stdout
     return out
 

@@ -455,6 +455,89 @@ def test_reload_follows_the_running_job(server: Served, ui: Ui) -> None:
     page.close()
 
 
+def test_pause_and_resume_from_the_train_card(server: Served, ui: Ui) -> None:
+    """Pause and Resume beside Cancel: the job pauses (checkpointed, its step kept), then
+    trains on from there."""
+    page = ui.page
+    hp = {"hidden_size": 16, "seq_length": 16, "batch_size": 8, "max_steps": 1_000_000}
+    body = {"corpus": ABCD, "name": "demo-pause", "hyperparameters": {**hp, "patience": None}}
+    r = httpx.post(server.url + "/jobs", json=body, timeout=30)
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    try:
+        ui.open(server.url)
+        status = page.locator("#train-status")
+        expect(status).to_contain_text("running")
+        expect(page.locator("#train-resume")).to_be_disabled()
+        page.click("#train-pause")
+        expect(status).to_contain_text("paused", timeout=TRAIN_TIMEOUT)
+        expect(page.locator("#train-resume")).to_be_enabled()
+        expect(page.locator("#train-pause")).to_be_disabled()
+        job = httpx.get(f"{server.url}/jobs/{job_id}", timeout=30).json()
+        assert job["status"] == "paused", job
+        page.click("#train-resume")
+        expect(page.locator("#train-pause")).to_be_enabled()
+        page.wait_for_function(
+            f"async () => (await (await fetch('jobs/{job_id}')).json()).progress.step > "
+            f"{job['progress']['step']}"
+        )  # it trains on from where it paused
+        expect(status).to_contain_text("running")
+        ui.shot("resumed")
+        page.click("#train-cancel")
+        expect(status).to_contain_text("cancelled", timeout=TRAIN_TIMEOUT)
+    finally:
+        httpx.post(f"{server.url}/jobs/{job_id}/cancel", timeout=30)
+    ui.assert_clean()
+    page.close()
+
+
+def test_samples_and_diagnostics_appear_under_the_chart(server: Served, ui: Ui) -> None:
+    """While a job runs the latest samples of its current weights appear under the chart,
+    each with its step, beside the gradient norm, learning rate and speed; a finished
+    job shown again from the list shows its last samples, as the metrics have them."""
+    page = ui.page
+    hp: dict[str, Any] = {"hidden_size": 16, "seq_length": 16, "batch_size": 8}
+    hp |= {"max_steps": 1_000_000, "eval_every": 40, "patience": None, "sample_length": 50}
+    body = {"corpus": FOX, "name": "demo-samples", "hyperparameters": hp}
+    r = httpx.post(server.url + "/jobs", json=body, timeout=30)
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    try:
+        ui.open(server.url)
+        samples = page.locator("#sample-list li")
+        expect(page.locator("#train-status")).to_contain_text("running")
+        page.wait_for_function("() => document.querySelectorAll('#sample-list li').length >= 3")
+        expect(page.locator("#train-samples")).to_be_visible()
+        diag = page.locator("#train-diagnostics")
+        expect(diag).to_be_visible()
+        expect(diag).to_contain_text("gradient norm")
+        expect(diag).to_contain_text("learning rate")
+        expect(diag).to_contain_text("chars/s")
+        steps = [int(s) for s in samples.evaluate_all("ls => ls.map(l => l.dataset.step)")]
+        assert len(steps) <= 4 and steps == sorted(steps), steps
+        assert all(step % 40 == 0 for step in steps), steps
+        for text in samples.locator(".sample-text").all_text_contents():
+            assert len(text) == 50 and set(text) <= set(FOX), text
+        ui.shot("samples-live")
+        page.click("#train-cancel")
+        expect(page.locator("#train-status")).to_contain_text("cancelled", timeout=TRAIN_TIMEOUT)
+    finally:
+        httpx.post(f"{server.url}/jobs/{job_id}/cancel", timeout=30)
+    points = httpx.get(f"{server.url}/jobs/{job_id}/metrics", timeout=30).json()["points"]
+    stored = [(p["step"], p["sample"]) for p in points if p["sample"] is not None][-4:]
+    assert len(stored) >= 3
+    # Shown again after the end: the same last samples the metrics hold, with their steps.
+    page.reload()
+    page.locator("#recent summary").click()
+    page.click(f'#job-list button[data-job="{job_id}"]')
+    expect(samples).to_have_count(len(stored))
+    shown_steps = [int(s) for s in samples.evaluate_all("ls => ls.map(l => l.dataset.step)")]
+    texts = samples.locator(".sample-text").all_text_contents()
+    shown = list(zip(shown_steps, texts, strict=True))
+    assert shown == stored
+    ui.assert_clean()
+
+
 def test_train_from_pasted_text(server: Served, ui: Ui) -> None:
     page = ui.page
     ui.open(server.url)

@@ -35,6 +35,8 @@ OPERATIONS = [
     "DELETE /jobs/{job_id}",
     "GET /jobs/{job_id}/metrics",
     "POST /jobs/{job_id}/cancel",
+    "POST /jobs/{job_id}/pause",
+    "POST /jobs/{job_id}/resume",
     "GET /jobs/{job_id}/events",
     "POST /predict",
     "POST /generate",

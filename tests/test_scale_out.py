@@ -492,3 +492,43 @@ def test_an_orphaned_pool_process_stops_writing_and_exits(cluster: Cluster) -> N
     assert done["progress"]["step"] == 30_000
     assert _resumed_elsewhere(cluster, job_id, worker) > 0
     assert _models_of(cluster, job_id) == [done["model_id"]]
+
+
+def test_one_idempotency_key_on_two_replicas_makes_one_job(cluster: Cluster) -> None:
+    """Submits racing with one key, half on each replica, leave one job (the key's UNIQUE
+    row in the job's insert transaction); a different body with it is a 409 anywhere."""
+    import threading
+
+    name = f"idem-{uuid.uuid4().hex[:8]}"
+    body = {"corpus": CORPUS * 20, "name": name, "hyperparameters": TINY}
+    key = f"scale-{uuid.uuid4().hex}"
+    n = 8
+    barrier = threading.Barrier(n)
+    answers: list[httpx.Response] = []
+    lock = threading.Lock()
+
+    def one(url: str) -> None:
+        barrier.wait()
+        r = httpx.post(f"{url}/jobs", json=body, headers={"Idempotency-Key": key}, timeout=60)
+        with lock:
+            answers.append(r)
+
+    urls = [cluster.a.url, cluster.b.url] * (n // 2)
+    threads = [threading.Thread(target=one, args=(u,)) for u in urls]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    codes = sorted(r.status_code for r in answers)
+    assert codes == [200] * (n - 1) + [202], [r.text for r in answers]
+    ids = {r.json()["id"] for r in answers}
+    assert len(ids) == 1
+    (job_id,) = ids
+    listed = httpx.get(f"{cluster.b.url}/jobs", params={"limit": 500}).json()["items"]
+    assert [j["id"] for j in listed if j["name"] == name] == [job_id]
+    other = httpx.post(
+        f"{cluster.b.url}/jobs", json={**body, "seed": 9}, headers={"Idempotency-Key": key}
+    )
+    assert other.status_code == 409 and key in other.json()["error"]["message"], other.text
+    wait_for(ended(cluster.a.url, job_id), 120, "the job to end")
+    assert job(cluster.a.url, job_id)["status"] == "succeeded"

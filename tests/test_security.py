@@ -37,6 +37,8 @@ TEXT = "the quick brown fox jumps over the lazy dog\n"
 MUTATING = {
     ("POST", "/jobs"),
     ("POST", "/jobs/{job_id}/cancel"),
+    ("POST", "/jobs/{job_id}/pause"),
+    ("POST", "/jobs/{job_id}/resume"),
     ("DELETE", "/jobs/{job_id}"),
     ("POST", "/models"),
     ("DELETE", "/models/{model_id}"),
@@ -95,8 +97,9 @@ async def keyed(tmp_path: Path, key: str | None) -> AsyncIterator[httpx.AsyncCli
 
 
 def concrete(method: str, path: str, ids: dict[str, str]) -> str:
-    """Reads use the finished job (its event stream ends); cancel uses the running one."""
-    job = ids["live"] if path.endswith("/cancel") else ids["done"]
+    """Reads use the finished job (its event stream ends); pause, resume (in that order)
+    and cancel use the running one."""
+    job = ids["live"] if path.endswith(("/cancel", "/pause", "/resume")) else ids["done"]
     return path.replace("{job_id}", job).replace("{model_id}", ids["model"])
 
 
@@ -124,6 +127,11 @@ async def call(
         body: dict[str, Any] = {"text": "the"} if path != "/generate" else {"max_chars": 5}
         return await c.post(path, json=body, headers=headers)
     return await c.request(method, path, headers=headers)
+
+
+def last(op: tuple[str, str]) -> tuple[bool, bool, tuple[str, str]]:
+    """DELETE last (the model is used), cancel after pause and resume (the live job)."""
+    return op[0] == "DELETE", op[1].endswith("/cancel"), op
 
 
 AUTH_HEADERS = [
@@ -154,7 +162,7 @@ def test_the_key_is_needed_for_mutations_only(tmp_path: Path, auth: dict[str, st
                     r = await call(c, method, path, {})
                     assert r.status_code < 400, (method, path, r.status_code)
             # with the key, every mutation gets past the guard (DELETE last: the model is used)
-            for method, template in sorted(MUTATING, key=lambda op: op[0] == "DELETE"):
+            for method, template in sorted(MUTATING, key=last):
                 r = await call(c, method, concrete(method, template, ids), auth)
                 assert r.status_code in (200, 201, 202, 204), (method, template, r.text)
             assert (await c.get(f"/jobs/{ids['live']}")).json()["status"] == "cancelled"
@@ -167,7 +175,7 @@ def test_without_a_configured_key_everything_works_without_auth(tmp_path: Path) 
         async with keyed(tmp_path, None) as c:
             ops = operations(create_app(settings_for(tmp_path / "x")))
             ids = await fixtures(c, {})
-            for method, template in sorted(ops, key=lambda op: op[0] == "DELETE"):
+            for method, template in sorted(ops, key=last):
                 r = await call(c, method, concrete(method, template, ids), {})
                 assert r.status_code < 400, (method, template, r.status_code, r.text)
 

@@ -385,6 +385,37 @@ def test_a_cancel_through_either_worker_stops_the_job(start: Callable[..., Worke
     assert w.stop() == 0
 
 
+def test_a_pause_through_either_worker_reaches_the_runner(start: Callable[..., Workers]) -> None:
+    """Pause and resume sent to the worker that does not run jobs: the runner pauses the
+    job (checkpointed, its slot freed), and resumes it; a queued job pauses unstarted."""
+    w = start()
+    runner = w.runner()
+    (other,) = [p for p in w.workers() if p != runner]
+    with closing(w.client_on(runner)) as on_runner, closing(w.client_on(other)) as on_other:
+        running = submit(on_other, LONG)
+        queued = submit(on_other, LONG)
+        wait_for(lambda: status(on_other, running) == "running", "the first job to run")
+        r = on_other.post(f"/jobs/{queued}/pause")
+        assert r.status_code == 200 and r.json()["status"] == "paused", r.text
+        assert r.json()["started_at"] is None
+        r = on_other.post(f"/jobs/{running}/pause")
+        assert r.status_code in (200, 202), r.text
+        wait_for(lambda: status(on_runner, running) == "paused", "the pause")
+        wait_for(lambda: job_processes(w) == set(), "its job process to end")
+        step = on_runner.get(f"/jobs/{running}").json()["progress"]["step"]
+        r = on_other.post(f"/jobs/{running}/resume")
+        assert r.status_code == 200, r.text
+        wait_for(
+            lambda: on_runner.get(f"/jobs/{running}").json()["progress"]["step"] > step,
+            "it to train on",
+        )
+        for job_id in (running, queued):
+            r = on_other.post(f"/jobs/{job_id}/cancel")
+            assert r.status_code in (200, 202), r.text
+            wait_for(lambda j=job_id: status(on_runner, j) == "cancelled", "the cancel")  # type: ignore[misc]
+    assert w.stop() == 0
+
+
 def kill_the_runner(w: Workers, c: httpx.Client, job_id: str, state: Path, after: int) -> int:
     """Once the job checkpointed past ``after``: kill -9 the runner worker; its job process
     dies with it, another worker takes the role and the job resumes there. The step of

@@ -7,16 +7,27 @@ answer; the rules live in ``app/jobs/service.py``.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.datastructures import FormData, UploadFile
 
 from ..errors import Invalid, clear_message
-from ..jobs.schemas import JobConfig, JobCreate, JobList, JobOut, JobStatus, MetricsOut
+from ..jobs.replay import MAX_EVENT_ID
+from ..jobs.replay import last_event_id as last_event_id_of
+from ..jobs.schemas import (
+    JobConfig,
+    JobCreate,
+    JobList,
+    JobOut,
+    JobStatus,
+    JobStopping,
+    MetricsOut,
+)
+from ..store.idempotency import KEY_RULE
 from .bodies import invalid_body, parse_json, schema_ref
 from .deps import AuthDep, StateDep
 from .responses import errors_for
@@ -29,10 +40,12 @@ errors = errors_for(
         400: "the body could not be parsed (broken multipart)",
         401: "API key missing or wrong",
         404: "no such job (POST /jobs: no init_from model by that id or name)",
-        409: "the job is already finished (cancel), or not finished yet (delete)",
+        409: "the job is already finished (cancel, pause), not finished yet (delete), not "
+        "queued or running (pause), or not paused (resume); "
+        "POST /jobs: the Idempotency-Key was used with a different request",
         413: "request body over max_body_bytes",
         422: "invalid corpus, hyperparameters or request, or over this server's limits",
-        429: "the job queue is full (see Retry-After)",
+        429: "the job queue is full (see Retry-After); pause: max_paused_jobs are paused",
         503: "the store is not writable (disk full, read-only) or unreachable; nothing was stored",
     }
 )
@@ -95,18 +108,47 @@ async def _read_form(form: FormData) -> JobCreate:
     return JobCreate(corpus=corpus, **config.model_dump(exclude_unset=True))
 
 
+_IDEMPOTENCY_KEY = Header(
+    None,
+    alias="Idempotency-Key",
+    description=(
+        f"Stripe's convention: a client-chosen key ({KEY_RULE}). The same key with the same "
+        "request (the same corpus, name, hyperparameters with defaults filled in, seed and "
+        "init_from; JSON or multipart alike) answers the first one's job, 200 with "
+        "`Idempotent-Replayed: true`, instead of a second job; with another request, 409. "
+        "Keys are server-wide and hold for idempotency_ttl_s (24 h)."
+    ),
+    # Documented, not validated here: the service says what is wrong, in words (422).
+    json_schema_extra={"minLength": 1, "maxLength": 255, "pattern": "^[ -~]{1,255}$"},
+)
+
+
 @router.post(
     "",
     status_code=202,
     dependencies=[AuthDep],
-    responses=errors(400, 401, 404, 429, 503),
+    responses={
+        200: {
+            "model": JobOut,
+            "description": "a replay: the job this Idempotency-Key and request created",
+        },
+        **errors(400, 401, 404, 409, 429, 503),
+    },
     openapi_extra=_JOB_BODY_DOC,
 )
-async def create_job(request: Request, response: Response, state: StateDep) -> JobOut:
+async def create_job(
+    request: Request,
+    response: Response,
+    state: StateDep,
+    idempotency_key: str | None = _IDEMPOTENCY_KEY,
+) -> JobOut:
     """Start training on a corpus (JSON body, or multipart with a corpus file)."""
     body = await _read_body(request)
-    job = await run_in_threadpool(state.jobs.submit, body)
+    job, replayed = await run_in_threadpool(state.jobs.submit, body, idempotency_key)
     response.headers["Location"] = f"/jobs/{job.id}"
+    if replayed:
+        response.status_code = 200
+        response.headers["Idempotent-Replayed"] = "true"
     return job
 
 
@@ -144,26 +186,96 @@ def get_metrics(
     return state.jobs.metrics(job_id, after_step)
 
 
-@router.post("/{job_id}/cancel", dependencies=[AuthDep], responses=errors(401, 404, 409, 503))
-async def cancel_job(job_id: str, state: StateDep) -> JobOut:
-    """Stop a queued or running job; answers once it is cancelled (about a second)."""
-    return await state.jobs.cancel(job_id)
+def _stopping_doc(what: str) -> dict[int | str, dict[str, Any]]:
+    return {
+        202: {
+            "model": JobStopping,
+            "description": f"the job is still stopping after the wait ({what}); poll GET "
+            "/jobs/{id} or follow its events",
+        }
+    }
+
+
+def _answer(result: JobOut | JobStopping) -> JobOut | JSONResponse:
+    """200 with the job once it stopped; 202 with a JobStopping while it is stopping."""
+    if isinstance(result, JobStopping):
+        return JSONResponse(result.model_dump(mode="json"), status_code=202)
+    return result
+
+
+@router.post(
+    "/{job_id}/cancel",
+    dependencies=[AuthDep],
+    response_model=JobOut,
+    responses={**errors(401, 404, 409, 503), **_stopping_doc("cancelling")},
+)
+async def cancel_job(job_id: str, state: StateDep) -> Any:
+    """Stop a queued, running or paused job: 200 once it is cancelled (about a second),
+    never with the job still running; 202 with `state: "cancelling"` if it is still
+    stopping after 5 s."""
+    return _answer(await state.jobs.cancel(job_id))
+
+
+@router.post(
+    "/{job_id}/pause",
+    dependencies=[AuthDep],
+    response_model=JobOut,
+    responses={**errors(401, 404, 409, 429, 503), **_stopping_doc("pausing")},
+)
+async def pause_job(job_id: str, state: StateDep) -> Any:
+    """Checkpoint a queued or running job at its next step and free its slot: 200 with
+    the `paused` job; 202 with `state: "pausing"` if the checkpoint takes longer than 5 s.
+    409: not queued or running; 429: `max_paused_jobs` are paused already."""
+    return _answer(await state.jobs.pause(job_id))
+
+
+@router.post(
+    "/{job_id}/resume",
+    dependencies=[AuthDep],
+    responses=errors(401, 404, 409, 429, 503),
+)
+async def resume_job(job_id: str, state: StateDep) -> JobOut:
+    """Queue a paused job again: it continues exactly where it paused (same loss curve
+    and model as an uninterrupted run). 409: not paused; 429: the job queue is full."""
+    return await state.jobs.resume(job_id)
 
 
 @router.get(
     "/{job_id}/events",
     response_class=StreamingResponse,  # no application/json in the schema: it never sends one
     responses={
-        **errors(404, 503),
+        **errors(404, 422, 503),
         200: {"content": {"text/event-stream": {}}, "description": "SSE"},
     },
 )
-async def job_events(job_id: str, state: StateDep) -> StreamingResponse:
-    """Server-Sent Events: `progress` while running, then one `status` with the final job.
+async def job_events(
+    job_id: str,
+    state: StateDep,
+    last_event_id: Annotated[
+        int | None,
+        Query(
+            ge=0,
+            le=MAX_EVENT_ID,
+            description="resume after this event id (as the Last-Event-ID header, which wins "
+            "when both are sent); 0: every event from the start",
+        ),
+    ] = None,
+    last_event_header: Annotated[
+        str | None,
+        Header(
+            alias="Last-Event-ID",
+            description="the id of the last event received: the stream sends only later ones",
+        ),
+    ] = None,
+) -> StreamingResponse:
+    """Server-Sent Events: a `status` snapshot (or, resuming, the events after
+    `Last-Event-ID`), `progress` per metric point, `status` on changes, the final `status`.
 
     When the server shuts down, the stream ends at once (after a comment saying so):
-    clients reconnect, to this server once it is back or to another replica."""
-    events = await state.jobs.follow(job_id)  # 404 before the stream starts
+    clients reconnect with Last-Event-ID, to this server once it is back or to another
+    replica, and miss nothing."""
+    after = last_event_id_of(last_event_header, last_event_id)
+    events = await state.jobs.follow(job_id, after)  # 404 before the stream starts
 
     async def stream() -> AsyncIterator[str]:
         async for event, data, event_id in events:

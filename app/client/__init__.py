@@ -22,11 +22,15 @@ it. Safe to repeat are every plain GET, ``delete_model`` (a DELETE), and ``predi
 ``score`` and ``generate``, which compute an answer and change nothing (an unseeded
 ``generate`` sent again answers a new sample, as good as the lost one; a ``delete_model``
 sent again after its first try did reach the server answers 404). Only once: if the repeat
-fails too, its failure is the ApiError. Never repeated: ``train``, ``Job.cancel`` and
-``upload``, which change the server (one that failed so may or may not have happened: look
-before trying again); timeouts and refused connections (a server slow or not there); and
-the event streams (``Job.events``, ``stream_generate``; :meth:`Job.wait` reconnects by
-itself).
+fails too, its failure is the ApiError. ``train`` is repeated too, and also after a read or
+write timeout (the server may be storing the job just then), because it carries an
+``Idempotency-Key`` (its ``idempotency_key``, else a new uuid4 per call): the server answers
+a repeat with the first attempt's job, so a retried submit never starts two jobs. To retry a
+``train`` that failed yourself, pass the same ``idempotency_key`` again. Never repeated:
+``Job.cancel`` and ``upload``, which change the server (one that failed so may or may not
+have happened: look before trying again); timeouts (but ``train``'s) and refused
+connections (a server slow or not there); and the event streams (``Job.events``,
+``stream_generate``; :meth:`Job.wait` reconnects by itself).
 
 Both clients build each request with the same helpers (``_Call``, which also says whether
 it is safe to repeat) and read each answer with the same parsers; only sending differs.
@@ -40,6 +44,7 @@ import os
 import re
 import time
 import urllib.parse
+import uuid
 from collections.abc import (
     AsyncGenerator,
     AsyncIterator,
@@ -84,6 +89,8 @@ _RECONNECT_DELAY_S = 0.5
 # idle, just then): no answer came, so a request that is safe to repeat is sent again.
 # Not timeouts, nor ConnectError: those are a server that is slow or not there at all.
 _DEAD_CONNECTION = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+# The request went out and no answer came in time: repeated only when idempotent by key.
+_TIMED_OUT = (httpx.ReadTimeout, httpx.WriteTimeout)
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
@@ -127,15 +134,17 @@ class Health(BaseModel):
 class JobEvent:
     """One Server-Sent Event of ``GET /jobs/{id}/events``.
 
-    ``event`` is ``progress`` (while queued or running) or ``status`` (last, the final job).
-    ``data`` is the event's JSON as sent: a progress event has ``step``, ``train_loss``,
-    ``val_loss``, ``chars_per_sec``, ``total_steps``...; the first one of a stream is a
-    snapshot instead, ``{"step", "job"}``. ``job`` is the full record where one was sent.
+    ``event`` is ``progress`` (one metric point: ``step``, ``train_loss``, ``val_loss``,
+    the diagnostics, ``total_steps``, ``best_step``, ``best_val_loss``) or ``status``
+    (``data`` is the job, also in ``job``): the first event of a new stream, each change
+    of status, and last the final one. ``id`` is the event's id (None on a change of
+    status): pass the last one seen to :meth:`Job.events` to resume without a gap.
     """
 
     event: str
     data: dict[str, Any]
     job: JobOut | None = None
+    id: int | None = None
 
     @property
     def step(self) -> int | None:
@@ -167,6 +176,7 @@ class _Call(Generic[T]):
     path: str
     parse: Callable[[httpx.Response], T]
     retry_safe: bool = field(kw_only=True)
+    retry_timeout: bool = field(default=False, kw_only=True)  # also after ``_TIMED_OUT``
     json: Any = None
     params: dict[str, Any] | None = None
     content: bytes | None = None
@@ -215,11 +225,28 @@ def _train(
     seed: int | None,
     init_from: str | None,
     hyperparameters: dict[str, Any],
+    idempotency_key: str | None,
 ) -> _Call[JobOut]:
     body = _given(corpus=corpus, name=name, seed=seed, init_from=init_from)
     if hyperparameters:  # sent as given: an explicit None (e.g. max_steps) means something
         body["hyperparameters"] = hyperparameters
-    return _Call("POST", "/jobs", _as(JobOut), json=body, retry_safe=False)  # a second job
+    # One key per call, sent again by the repeat: the server answers it with the first job.
+    key = idempotency_key if idempotency_key is not None else str(uuid.uuid4())
+    headers = {"Idempotency-Key": key}
+    return _Call(
+        "POST",
+        "/jobs",
+        _as(JobOut),
+        json=body,
+        headers=headers,
+        retry_safe=True,
+        retry_timeout=True,
+    )
+
+
+def _repeatable(call: _Call[Any], error: Exception) -> bool:
+    """Whether ``_send`` may send ``call`` once more after ``error`` (no answer came)."""
+    return call.retry_safe and (isinstance(error, _DEAD_CONNECTION) or call.retry_timeout)
 
 
 def _jobs(status: JobStatus | None, limit: int, offset: int) -> _Call[JobList]:
@@ -237,14 +264,32 @@ def _metrics(job_id: str, after_step: int) -> _Call[MetricsOut]:
     return _Call("GET", path, _as(MetricsOut), params=params, retry_safe=True)
 
 
+def _stopped(r: httpx.Response) -> JobOut:
+    """A cancel's or pause's job: 200 once it took effect; 202 (a ``JobStopping``) while
+    the job is still stopping, then its ``job`` (still ``running``: ``wait`` for it)."""
+    body = r.json()
+    return JobOut.model_validate(body["job"] if r.status_code == 202 else body)
+
+
 def _cancel(job_id: str) -> _Call[JobOut]:
     # A repeat could answer 409 for a cancel that did happen.
-    return _Call("POST", f"/jobs/{_seg(job_id)}/cancel", _as(JobOut), retry_safe=False)
+    return _Call("POST", f"/jobs/{_seg(job_id)}/cancel", _stopped, retry_safe=False)
 
 
-def _events(job_id: str) -> _Call[None]:
-    # A stream: not repeated by _run (Job.wait reconnects by itself).
-    return _Call("GET", f"/jobs/{_seg(job_id)}/events", _nothing, retry_safe=False)
+def _pause(job_id: str) -> _Call[JobOut]:
+    # A repeat could answer 409 ("already paused") for a pause that did happen.
+    return _Call("POST", f"/jobs/{_seg(job_id)}/pause", _stopped, retry_safe=False)
+
+
+def _resume(job_id: str) -> _Call[JobOut]:
+    return _Call("POST", f"/jobs/{_seg(job_id)}/resume", _as(JobOut), retry_safe=False)
+
+
+def _events(job_id: str, after: int | None = None) -> _Call[None]:
+    # A stream: not repeated by _run (Job.wait reconnects by itself, resuming after
+    # ``after``, the last event id it saw).
+    headers = None if after is None else {"Last-Event-ID": str(after)}
+    return _Call("GET", f"/jobs/{_seg(job_id)}/events", _nothing, retry_safe=False, headers=headers)
 
 
 def _predict(
@@ -370,9 +415,8 @@ def _job_event(sse: ServerSentEvent) -> JobEvent:
     data = sse.json()
     if not isinstance(data, dict):
         raise ValueError(f"{sse.event} event data is not an object")
-    raw = data if sse.event == "status" else data.get("job")
-    job = JobOut.model_validate(raw) if raw is not None else None
-    return JobEvent(sse.event, data, job)
+    job = JobOut.model_validate(data) if sse.event == "status" else None
+    return JobEvent(sse.event, data, job, int(sse.id) if sse.id.isdigit() else None)
 
 
 def _chunk(sse: ServerSentEvent) -> tuple[str | None, bool]:
@@ -382,6 +426,9 @@ def _chunk(sse: ServerSentEvent) -> tuple[str | None, bool]:
     if sse.event == "done":
         GenerateOut.model_validate(sse.json())
         return None, True
+    if sse.event == "error":  # generation failed midway: the error shape, after the 200
+        e = sse.json()["error"]
+        raise ApiError(200, str(e["code"]), str(e["message"]), e.get("details"))
     return None, False
 
 
@@ -408,6 +455,13 @@ def _past(deadline: float | None) -> bool:
 
 def _wait_timeout(job_id: str, timeout: float | None) -> ApiError:
     return ApiError(0, "timeout", f"job {job_id} did not finish within {timeout:g} s")
+
+
+def _final(event: JobEvent) -> JobOut | None:
+    """The finished job, if ``event`` is the final ``status``."""
+    if event.event == "status" and event.job is not None and event.job.status in TERMINAL:
+        return event.job
+    return None
 
 
 def _settled(job: JobOut) -> JobOut:
@@ -487,8 +541,8 @@ class Client(_Base):
         """The answer, asking a second time if ``retry_safe`` and the connection was dead."""
         try:
             return self._http.request(call.method, call.path, **call.kwargs())
-        except _DEAD_CONNECTION:
-            if not call.retry_safe:
+        except (*_DEAD_CONNECTION, *_TIMED_OUT) as e:
+            if not _repeatable(call, e):
                 raise
             # Inside ``except``: a second failure is raised, with the first as its context.
             return self._http.request(call.method, call.path, **call.kwargs())
@@ -521,10 +575,15 @@ class Client(_Base):
         name: str | None = None,
         seed: int | None = None,
         init_from: str | None = None,
+        idempotency_key: str | None = None,
         **hyperparameters: Any,
     ) -> Job:
-        """Submit a training job; hyperparameters are ``Hyperparameters`` fields."""
-        record = self._run(_train(corpus, name, seed, init_from, hyperparameters))
+        """Submit a training job; hyperparameters are ``Hyperparameters`` fields.
+
+        ``idempotency_key`` (else a new uuid4): the same key and request answer the first
+        job, within the server's ``idempotency_ttl_s``; this call's own repeat uses it."""
+        call = _train(corpus, name, seed, init_from, hyperparameters, idempotency_key)
+        record = self._run(call)
         return Job(self, record.id, record)
 
     def job(self, job_id: str) -> Job:
@@ -661,17 +720,34 @@ class Job:
         return self.client._run(_metrics(self.id, after_step))
 
     def cancel(self) -> JobOut:
-        """Stop the job; the answer comes once it is cancelled. 409 if already finished."""
+        """Stop the job; the answer comes once it is cancelled (after 5 s, the job still
+        ``running`` while it stops: ``wait()`` for it). 409 if already finished."""
         self.last = self.client._run(_cancel(self.id))
         return self.last
 
-    def events(self) -> Iterator[JobEvent]:
-        """The job's events until its final ``status`` (at once if it has already finished)."""
-        return self._events(_EVENTS_READ_TIMEOUT)
+    def pause(self) -> JobOut:
+        """Checkpoint the job at its next step and free its slot: ``paused`` (after 5 s,
+        still ``running`` while it checkpoints). 409 unless queued or running; 429 when
+        the server keeps as many paused jobs as it allows."""
+        self.last = self.client._run(_pause(self.id))
+        return self.last
 
-    def _events(self, read_timeout: float) -> Generator[JobEvent, None, None]:
+    def resume(self) -> JobOut:
+        """Queue the paused job again; it continues exactly where it paused. 409 unless
+        paused; 429 when the job queue is full."""
+        self.last = self.client._run(_resume(self.id))
+        return self.last
+
+    def events(self, *, after: int | None = None) -> Iterator[JobEvent]:
+        """The job's events until its final ``status`` (at once if it has already finished);
+        ``after`` (an event's ``id``) resumes after that event: none missed, none twice."""
+        return self._events(_EVENTS_READ_TIMEOUT, after)
+
+    def _events(
+        self, read_timeout: float, after: int | None = None
+    ) -> Generator[JobEvent, None, None]:
         timeout = self.client._events_timeout(read_timeout)
-        return self.client._stream(_events(self.id), _job_event, timeout)
+        return self.client._stream(_events(self.id, after), _job_event, timeout)
 
     def wait(
         self, progress: Callable[[JobEvent], None] | None = None, timeout: float | None = None
@@ -680,19 +756,22 @@ class Job:
 
         Returns the succeeded job; raises :class:`JobFailed` if it failed or was cancelled,
         and ApiError ``timeout`` if it is still going after ``timeout`` seconds.
-        If the stream ends early (the server restarting), it asks again and follows on.
+        If the stream ends early (the server restarting), it asks again and follows on from
+        the last event it saw (``Last-Event-ID``): ``progress`` sees each point once.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+        after: int | None = None
         while True:
             read = _EVENTS_READ_TIMEOUT
             if deadline is not None:
                 read = max(0.01, min(read, deadline - time.monotonic()))
             try:
-                with contextlib.closing(self._events(read)) as events:
+                with contextlib.closing(self._events(read, after)) as events:
                     for event in events:
-                        if event.event == "status" and event.job is not None:
-                            self.last = event.job
-                            return _settled(event.job)
+                        after = event.id if event.id is not None else after
+                        if (job := _final(event)) is not None:
+                            self.last = job
+                            return _settled(job)
                         if event.event == "progress" and progress is not None:
                             progress(event)
                         if _past(deadline):
@@ -746,8 +825,8 @@ class AsyncClient(_Base):
     async def _send(self, call: _Call[Any]) -> httpx.Response:
         try:
             return await self._http.request(call.method, call.path, **call.kwargs())
-        except _DEAD_CONNECTION:
-            if not call.retry_safe:
+        except (*_DEAD_CONNECTION, *_TIMED_OUT) as e:
+            if not _repeatable(call, e):
                 raise
             return await self._http.request(call.method, call.path, **call.kwargs())
 
@@ -779,9 +858,11 @@ class AsyncClient(_Base):
         name: str | None = None,
         seed: int | None = None,
         init_from: str | None = None,
+        idempotency_key: str | None = None,
         **hyperparameters: Any,
     ) -> AsyncJob:
-        record = await self._run(_train(corpus, name, seed, init_from, hyperparameters))
+        call = _train(corpus, name, seed, init_from, hyperparameters, idempotency_key)
+        record = await self._run(call)
         return AsyncJob(self, record.id, record)
 
     def job(self, job_id: str) -> AsyncJob:
@@ -908,26 +989,36 @@ class AsyncJob:
         self.last = await self.client._run(_cancel(self.id))
         return self.last
 
-    def events(self) -> AsyncIterator[JobEvent]:
-        return self._events()
+    async def pause(self) -> JobOut:
+        self.last = await self.client._run(_pause(self.id))
+        return self.last
 
-    def _events(self) -> AsyncGenerator[JobEvent, None]:
+    async def resume(self) -> JobOut:
+        self.last = await self.client._run(_resume(self.id))
+        return self.last
+
+    def events(self, *, after: int | None = None) -> AsyncIterator[JobEvent]:
+        return self._events(after)
+
+    def _events(self, after: int | None = None) -> AsyncGenerator[JobEvent, None]:
         timeout = self.client._events_timeout()
-        return self.client._stream(_events(self.id), _job_event, timeout)
+        return self.client._stream(_events(self.id, after), _job_event, timeout)
 
     async def wait(
         self, progress: Callable[[JobEvent], None] | None = None, timeout: float | None = None
     ) -> JobOut:
         """As :meth:`Job.wait`; ``progress`` is a plain (not async) callable."""
         limit = asyncio.timeout(timeout)
+        after: int | None = None
         try:
             async with limit:
                 while True:
-                    async with contextlib.aclosing(self._events()) as events:
+                    async with contextlib.aclosing(self._events(after)) as events:
                         async for event in events:
-                            if event.event == "status" and event.job is not None:
-                                self.last = event.job
-                                return _settled(event.job)
+                            after = event.id if event.id is not None else after
+                            if (job := _final(event)) is not None:
+                                self.last = job
+                                return _settled(job)
                             if event.event == "progress" and progress is not None:
                                 progress(event)
                     if (job := await self.refresh()).status in TERMINAL:

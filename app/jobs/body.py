@@ -5,7 +5,8 @@ job's state file when one exists), writes a resumable checkpoint every
 ``checkpoint_every_s`` and reports through ``send`` as JSON-able dicts:
 
     {"type": "progress", "step", "epoch", "train_loss", "val_loss", "chars_per_sec",
-     "elapsed_s", "total_steps", "best_val_loss", "best_step"}
+     "elapsed_s", "total_steps", "best_val_loss", "best_step",
+     "grad_norm", "clipped", "learning_rate", "sample"}   (model/train.py: Progress)
     {"type": "checkpoint", "step"}
     {"type": "succeeded", "model_file", "metrics", "param_count"}  (model written atomically)
     {"type": "stopped", "step"}        (should_stop said so; state saved, resumable)

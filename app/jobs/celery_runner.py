@@ -139,6 +139,31 @@ class CeleryRunner:
                 "the job queue (broker) is unreachable; nothing was stored"
             ) from None
 
+    def pause(self, job_id: str) -> bool:
+        """True if the job was queued (now ``paused``) or running (its worker sees the
+        request at its next heartbeat, checkpoints at that step and pauses it)."""
+        if not self.store.request_pause(job_id):
+            return False
+        job = self.store.get_job(job_id)
+        if job is not None and job.status == "paused":  # it never started: nobody says so
+            self._publisher.publish(job_id, {"type": "status", "status": "paused"})
+        return True
+
+    def resume(self, job_id: str) -> None:
+        """Send the resumed (now ``queued``) job to the workers: any of them continues it
+        from its checkpoint in the database. A broker that refuses leaves it paused."""
+        try:
+            self._celery.send_task(TRAIN_TASK, args=[job_id])
+        except Exception:
+            log.warning("job %s: the broker refused its resume", job_id, exc_info=True)
+            try:
+                self.store.pause_job(job_id)
+            except Exception:
+                log.error("job %s: could not pause it again after the broker refused", job_id)
+            raise StoreUnavailable(
+                "the job queue (broker) is unreachable; the job stays paused"
+            ) from None
+
     def cancel(self, job_id: str) -> bool:
         """True if the job was queued (now ``cancelled``) or running (it will be)."""
         job = self.store.request_cancel(job_id)

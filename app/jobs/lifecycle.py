@@ -46,6 +46,7 @@ class Run:
     folder: Path  # the body's files: corpus.txt, state.npz, model.npz (JobSpec.in_folder)
     worker: str | None = None  # the owner the store checks (scale-out); None: embedded
     cancelled: bool = False  # the user asked: a stop ends it ``cancelled``
+    pausing: bool = False  # the user asked: a stop ends it ``paused`` (unless cancelled)
     ended: bool = False  # its outcome was reached (recorded, or waiting to be)
     lost: bool = False  # no longer this execution's: it writes nothing more
     reported_step: int = -1  # the last step whose progress was recorded
@@ -78,6 +79,11 @@ class Transport(Protocol):
 
     def requeue(self, run: Run) -> None:
         """The job stopped without being cancelled: queue it again, to resume."""
+        ...
+
+    def keep_paused(self, run: Run) -> None:
+        """The job stopped, checkpointed, because it was asked to pause: keep the
+        checkpoint and mark it ``paused`` (no runner holds it until it is resumed)."""
         ...
 
     def unrecorded(self, run: Run, outcome: Outcome) -> None:
@@ -115,12 +121,24 @@ def record_progress(store: Store, job_id: str, messages: Sequence[dict[str, Any]
         eta_s=eta,
     )
     if recorded:
-        points = [
-            MetricPoint(p["step"], p["elapsed_s"], p["train_loss"], p.get("val_loss"))
-            for p in messages
-        ]
+        points = [metric_point(p) for p in messages]
         store.add_metrics(job_id, points)
     return recorded
+
+
+def metric_point(m: dict[str, Any]) -> MetricPoint:
+    """A progress message as stored: everything a live event says is read back."""
+    return MetricPoint(
+        m["step"],
+        m["elapsed_s"],
+        m["train_loss"],
+        m.get("val_loss"),
+        grad_norm=m.get("grad_norm"),
+        clipped=m.get("clipped"),
+        learning_rate=m.get("learning_rate"),
+        chars_per_sec=m.get("chars_per_sec"),
+        sample=m.get("sample"),
+    )
 
 
 def trained_model(run: Run, limits: ModelLimits) -> NewModel:
@@ -222,6 +240,8 @@ class Lifecycle:
             run.ended = True
             if run.cancelled:
                 self.settle(run, Outcome("cancelled"))
+            elif run.pausing:  # checkpointed at the step it stopped at
+                self.transport.keep_paused(run)
             else:  # its runner is stopping, or its process alone was told to stop
                 self.transport.requeue(run)
 
@@ -232,6 +252,8 @@ class Lifecycle:
         run.ended = True
         if run.cancelled:
             self.settle(run, Outcome("cancelled"))
+        elif run.pausing:  # paused at its last checkpoint: the resume replays the rest
+            self.transport.keep_paused(run)
         elif stopping or exitcode in STOP_SIGNALS:
             # Killed after the grace period of a stopping server, or told to stop before
             # it could say so: it resumes from its last checkpoint, like after a crash.
@@ -285,6 +307,10 @@ class Lifecycle:
             fields["error"] = outcome.error
         self.announce(run.job.id, {"type": "status", "status": outcome.status, **fields})
         return None
+
+    def paused(self, run: Run) -> None:
+        """The transport recorded the pause: tell the job's followers."""
+        self.announce(run.job.id, {"type": "status", "status": "paused"})
 
     def _progress(self, run: Run, messages: list[dict[str, Any]]) -> None:
         # A resumed job replays steps it reported before: subscribers never see it go back.

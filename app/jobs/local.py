@@ -67,6 +67,7 @@ class _Pending:
 
     outcomes: dict[str, tuple[Run, Outcome]] = field(default_factory=dict)
     requeues: dict[str, Run] = field(default_factory=dict)
+    pauses: dict[str, Run] = field(default_factory=dict)
 
 
 class LocalRunner:
@@ -136,6 +137,11 @@ class LocalRunner:
             self._queue.append(job_id)
         self._wake.set()
 
+    def resume(self, job_id: str) -> None:
+        """Queue a job the store just moved from ``paused`` to ``queued``: it resumes
+        from the checkpoint in its folder, at the step it paused at."""
+        self.submit(job_id)
+
     def adopt(self, job_ids: Iterable[str]) -> int:
         """Queue, in the order given, the stored jobs this runner does not know yet
         (queued, running or waiting to be requeued): those another process of the server
@@ -144,7 +150,7 @@ class LocalRunner:
         with self._lock:
             if self._stopping:
                 return 0
-            known = {*self._queue, *self._running, *self._pending.requeues}
+            known = {*self._queue, *self._running, *self._pending.requeues, *self._pending.pauses}
             new = [job_id for job_id in job_ids if job_id not in known]
             self._queue.extend(new)
         if new:
@@ -166,6 +172,28 @@ class LocalRunner:
         self._wake.set()
         return True
 
+    def pause(self, job_id: str) -> bool:
+        """Pause a queued job at once, or ask a running one to stop at its next step,
+        checkpointed there (it becomes ``paused`` when it has). False if this runner
+        holds no such job."""
+        with self._lock:
+            if job_id in self._queue:
+                self._queue.remove(job_id)
+                job = self.store.get_job(job_id)
+                folder = self.store.job_folder(job_id)
+                if job is None or folder is None:
+                    return False
+                self._pause(Run(job, folder))
+                return True
+            child = self._running.get(job_id)
+            if child is None or child.run.ended or child.run.cancelled:
+                return False
+            child.run.pausing = True
+            child.stop.set()
+            child.stop_asked_at = child.stop_asked_at or time.monotonic()
+        self._wake.set()
+        return True
+
     # ------------------------------------------------------------------ Transport
 
     def checkpoint(self, run: Run) -> None:
@@ -183,6 +211,21 @@ class LocalRunner:
         self._pending.requeues.pop(run.job.id, None)
         if requeued and not self._stopping:
             self._queue.appendleft(run.job.id)
+
+    def keep_paused(self, run: Run) -> None:
+        """To ``paused``: its checkpoint is already in the job's folder."""
+        self._pause(run)
+
+    def _pause(self, run: Run) -> None:
+        try:
+            paused = self.store.pause_job(run.job.id)
+        except StoreError as e:
+            log.warning("job %s: could not record its pause yet: %s", run.job.id, e)
+            self._pending.pauses[run.job.id] = run
+            return
+        self._pending.pauses.pop(run.job.id, None)
+        if paused:
+            self.lifecycle.paused(run)
 
     def unrecorded(self, run: Run, outcome: Outcome) -> None:
         self._pending.outcomes[run.job.id] = (run, outcome)
@@ -307,7 +350,9 @@ class LocalRunner:
     def _retry_pending(self, force: bool = False) -> None:
         now = time.monotonic()
         pending = self._pending
-        if not (pending.outcomes or pending.requeues) or (now < self._retry_at and not force):
+        if not (pending.outcomes or pending.requeues or pending.pauses) or (
+            now < self._retry_at and not force
+        ):
             return
         self._retry_at = now + PENDING_RETRY_S
         for job_id, (run, outcome) in list(pending.outcomes.items()):
@@ -318,6 +363,8 @@ class LocalRunner:
                 pending.outcomes[job_id] = (run, left)
         for run in list(pending.requeues.values()):
             self.requeue(run)
+        for run in list(pending.pauses.values()):
+            self._pause(run)
 
     def _purge_old_files(self) -> None:
         now = time.monotonic()

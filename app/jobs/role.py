@@ -19,7 +19,8 @@ Everything goes through the store, which is the truth; datagrams
   holder reads the queued jobs (oldest first) and ``adopt``s those it does not
   know. It also reads them every ``POLL_EVERY_S``, so a lost wake-up, or one
   sent while the role was passing, costs at most that.
-- cancel: recorded in ``cancel_requests``, then "wake"; the runner cancels as a
+- cancel (and pause): recorded in ``cancel_requests`` (``pause_requests``), then
+  "wake"; the runner cancels (pauses) as a
   single server does (a queued job at once, a running one between steps), and
   the outcome removes the request. POST /jobs/{id}/cancel still waits for the
   outcome (``JobService.cancel``), so its answer is what it was with one process.
@@ -98,6 +99,7 @@ class RunnerRole:
         self._leases: dict[int, tuple[frozenset[str], float]] = {}  # follower pid -> lease
         self._leases_lock = threading.Lock()
         self._cancelling: set[str] = set()  # requests passed to the LocalRunner
+        self._pausing: set[str] = set()  # likewise
         self._poked = threading.Event()  # read the store now
         self._kick_r, self._kick_w = socket.socketpair()
         self._kick_r.setblocking(False)
@@ -127,6 +129,16 @@ class RunnerRole:
         job = self.store.request_cancel(job_id)
         self._wake_runner()
         return job is not None and job.status in ACTIVE_STATUSES
+
+    def pause(self, job_id: str) -> bool:
+        """Recorded in ``pause_requests`` for the runner, as a cancel is."""
+        asked = self.store.request_pause(job_id)
+        self._wake_runner()
+        return asked
+
+    def resume(self, job_id: str) -> None:
+        """The job is stored ``queued`` again: the runner adopts it from there."""
+        self._wake_runner()
 
     def begin_stop(self) -> None:
         with self._role_lock:
@@ -250,6 +262,7 @@ class RunnerRole:
         try:
             self.local.adopt(self.store.queued_job_ids())
             requests = self.store.cancel_requests()
+            pauses = self.store.pause_requests()
         except StoreError as e:
             log.warning("could not read the job queue: %s", e)
             return
@@ -257,6 +270,10 @@ class RunnerRole:
             if job_id not in self._cancelling and self.local.cancel(job_id):
                 self._cancelling.add(job_id)  # once: a repeat would restart its grace period
         self._cancelling.intersection_update(requests)
+        for job_id in pauses:
+            if job_id not in self._pausing and self.local.pause(job_id):
+                self._pausing.add(job_id)
+        self._pausing.intersection_update(pauses)
 
     def _as_runner(self, message: dict[str, Any]) -> None:
         op = message.get("op")

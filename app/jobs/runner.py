@@ -24,4 +24,13 @@ class Runner(Protocol):
         """True if the job was queued or running (it ends ``cancelled``)."""
         ...
 
+    def pause(self, job_id: str) -> bool:
+        """True if the job was queued (now ``paused``) or running (it stops at its next
+        step, checkpointed there, and becomes ``paused``)."""
+        ...
+
+    def resume(self, job_id: str) -> None:
+        """Run again a job the store moved from ``paused`` back to ``queued``."""
+        ...
+
     def alive(self) -> bool: ...

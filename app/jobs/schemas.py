@@ -7,7 +7,7 @@ truth); the bounds here are absolute, and the settings narrow them further
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -52,6 +52,8 @@ class Hyperparameters(BaseModel):
     patience: int | None = _hp("patience")
     log_every: int = _hp("log_every")
     dtype: DType = _hp("dtype")
+    sample_length: int = _hp("sample_length")
+    sample_temperature: float = _hp("sample_temperature", number=True)
 
 
 class JobCreate(BaseModel):
@@ -89,6 +91,8 @@ class HyperparametersOut(BaseModel):
     patience: int | None = _default("patience")
     log_every: int = _default("log_every")
     dtype: str = _default("dtype")
+    sample_length: int = _default("sample_length")
+    sample_temperature: float = _default("sample_temperature")
 
 
 class JobConfig(BaseModel):
@@ -149,6 +153,18 @@ class JobOut(BaseModel):
     )
 
 
+class JobStopping(BaseModel):
+    """The 202 of a cancel or pause that has not taken effect within the wait: the job
+    is still stopping (``job.status`` is its stored status, still ``running``)."""
+
+    state: Literal["cancelling", "pausing"] = Field(
+        description="what is under way: the job stops at its next step (pausing: checkpointed "
+        "there); poll GET /jobs/{id} or follow its events for the outcome"
+    )
+    message: str
+    job: JobOut
+
+
 class JobList(BaseModel):
     items: list[JobOut]
     total: int
@@ -161,6 +177,20 @@ class MetricPointOut(BaseModel):
     elapsed_s: float
     train_loss: float
     val_loss: float | None
+    # Diagnostics at the point (null on points recorded before charnn reported them).
+    grad_norm: float | None = Field(
+        None, description="global L2 norm of the step's gradient, before clipping"
+    )
+    clipped: bool | None = Field(None, description="whether grad_clip scaled that gradient down")
+    learning_rate: float | None = Field(None, description="the step size that step used")
+    chars_per_sec: float | None = Field(
+        None, description="training characters per second since the previous point"
+    )
+    sample: str | None = Field(
+        None,
+        description="at evaluations: sample_length characters of the current weights (not "
+        "the best), at sample_temperature, seeded by the job's seed and the step",
+    )
 
 
 class MetricsOut(BaseModel):

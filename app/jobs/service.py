@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any
 
 from fastapi.concurrency import run_in_threadpool
 
@@ -29,8 +28,17 @@ from ..domain import TERMINAL_STATUSES, JobStatus, text_problem
 from ..errors import Conflict, Invalid, NotFound, Unavailable
 from ..settings import Settings
 from ..store.base import JobActiveError, JobRecord, Store, readable
+from ..store.idempotency import (
+    IdempotencyKey,
+    IdempotencyMismatch,
+    IdempotentReplay,
+    fingerprint,
+    key_problem,
+)
 from ..store.validation import check_limits
 from .events import CLOSING, EventHub
+from .pause import Steering
+from .replay import Best, Event, final_id, progress_event, status_event, total_steps
 from .runner import Runner
 from .schemas import (
     CorpusInfo,
@@ -40,6 +48,7 @@ from .schemas import (
     JobMetrics,
     JobOut,
     JobProgress,
+    JobStopping,
     MetricPointOut,
     MetricsOut,
 )
@@ -48,9 +57,7 @@ from .schemas import (
 # a character while it is encoded (model/memory.py says what training_bytes leaves out).
 CORPUS_BYTES_PER_CHAR = 29
 KEEP_ALIVE_S = 15.0  # an event stream's silence before it re-reads the job
-CANCEL_WAIT_S = 5.0  # how long a cancel waits for the job to be cancelled
 
-Event = tuple[str, dict[str, Any], int | None]  # (event name, data, id): an SSE event
 _UNREADABLE: set[str] = set()
 
 
@@ -133,6 +140,16 @@ def jobs_out(
     return readable(jobs, lambda j: job_out(j, found.get(j.id, ())), "job", _UNREADABLE)
 
 
+def _mismatch(key: str) -> Conflict:
+    """The 409 of a key reused for another request: it names the key, never the other
+    request's job (keys are server-wide)."""
+    return Conflict(
+        f"Idempotency-Key {key!r} was already used with a different request (corpus, name, "
+        "hyperparameters, seed or init_from); send that same request again to get its job, "
+        "or use a new key for a new job"
+    )
+
+
 class JobService:
     def __init__(self, store: Store, runner: Runner, events: EventHub, settings: Settings) -> None:
         self.store = store
@@ -142,8 +159,17 @@ class JobService:
 
     # ------------------------------------------------------------------ submit
 
-    def submit(self, body: JobCreate) -> JobOut:
-        """Check everything, then store the job and queue it."""
+    def submit(self, body: JobCreate, idempotency_key: str | None = None) -> tuple[JobOut, bool]:
+        """Check everything, then store the job and queue it: (the job, False).
+
+        With ``idempotency_key``: a live key of the same request answers its job as it is
+        now, (job, True), before any check (a replay is not refused because the queue
+        filled up or the base model went since); of another request, a 409 naming the
+        key. Racing requests with one key leave one job: the store records the key in
+        the job's insert transaction (``app/store/idempotency.py``)."""
+        key = self._idempotency(body, idempotency_key)
+        if key is not None and (live := self.store.idempotency_key(key.key)) is not None:
+            return self._replay(key, *live), True
         self._check_ceilings(body)
         corpus = body.corpus
         if problem := text_problem(corpus):
@@ -186,17 +212,38 @@ class JobService:
             raise Unavailable("the data directory is not writable; no new jobs can be stored")
         # The queue's room is checked in the store's insert transaction (QueueFullError:
         # 429, nothing stored); a write that fails is StoreUnavailable (503, nothing stored).
-        job = self.store.create_job(
-            body.name or "untitled",
-            corpus,
-            hp,
-            body.seed,
-            init_id,
-            len(vocab),
-            max_queued=self.settings.max_queued_jobs,
-        )
+        try:
+            job = self.store.create_job(
+                body.name or "untitled",
+                corpus,
+                hp,
+                body.seed,
+                init_id,
+                len(vocab),
+                max_queued=self.settings.max_queued_jobs,
+                idempotency=key,
+            )
+        except IdempotentReplay as e:  # a racing request with the key stored first
+            return self._out(self._record(e.job_id)), True
+        except IdempotencyMismatch as e:
+            raise _mismatch(e.key) from None
         self.runner.submit(job.id)
-        return job_out(job)
+        return job_out(job), False
+
+    def _idempotency(self, body: JobCreate, given: str | None) -> IdempotencyKey | None:
+        if given is None:
+            return None
+        if problem := key_problem(given):
+            raise Invalid(problem)
+        hp = body.hyperparameters.model_dump()
+        fp = fingerprint(body.corpus, body.name, hp, body.seed, body.init_from)
+        return IdempotencyKey(given, fp, self.settings.idempotency_ttl_s)
+
+    def _replay(self, key: IdempotencyKey, fp: str, job_id: str) -> JobOut:
+        """The job a live key created, or a 409 when it came from another request."""
+        if fp != key.fingerprint:
+            raise _mismatch(key.key)
+        return self._out(self._record(job_id))
 
     def _check_ceilings(self, body: JobCreate) -> None:
         s, hp = self.settings, body.hyperparameters.model_dump()
@@ -273,7 +320,15 @@ class JobService:
             job_id=job_id,
             points=[
                 MetricPointOut(
-                    step=p.step, elapsed_s=p.elapsed_s, train_loss=p.train_loss, val_loss=p.val_loss
+                    step=p.step,
+                    elapsed_s=p.elapsed_s,
+                    train_loss=p.train_loss,
+                    val_loss=p.val_loss,
+                    grad_norm=p.grad_norm,
+                    clipped=p.clipped,
+                    learning_rate=p.learning_rate,
+                    chars_per_sec=p.chars_per_sec,
+                    sample=p.sample,
                 )
                 for p in points
             ],
@@ -281,23 +336,21 @@ class JobService:
 
     # ------------------------------------------------------------------ change
 
-    async def cancel(self, job_id: str) -> JobOut:
-        """Stop a queued or running job; answers once it is cancelled (or after
-        ``CANCEL_WAIT_S`` with the job as it is then)."""
-        job = await run_in_threadpool(self._record, job_id)
-        if job.status in TERMINAL_STATUSES:
-            raise Conflict(
-                f"job {job_id} is already {job.status}; only queued or running jobs can be "
-                "cancelled"
-            )
-        # Off the event loop: the runner may be busy recording (its lock), the store slow.
-        await run_in_threadpool(self.runner.cancel, job_id)
-        for _ in range(int(CANCEL_WAIT_S / 0.05)):
-            job = await run_in_threadpool(self._record, job_id)
-            if job.status in TERMINAL_STATUSES:
-                break
-            await asyncio.sleep(0.05)
-        return await run_in_threadpool(self._out, job)
+    def _steering(self) -> Steering:
+        return Steering(self.store, self.runner, self.settings, self._record, self._out)
+
+    async def cancel(self, job_id: str) -> JobOut | JobStopping:
+        """Stop a queued, running or paused job: the job once it is cancelled, or after
+        ``STOP_WAIT_S`` a ``JobStopping`` (202) while it is still stopping."""
+        return await self._steering().cancel(job_id)
+
+    async def pause(self, job_id: str) -> JobOut | JobStopping:
+        """Checkpoint a queued or running job and free its slot (``app/jobs/pause.py``)."""
+        return await self._steering().pause(job_id)
+
+    async def resume(self, job_id: str) -> JobOut:
+        """Queue a paused job again; it continues exactly where it stopped."""
+        return await self._steering().resume(job_id)
 
     def delete(self, job_id: str) -> None:
         try:
@@ -312,47 +365,88 @@ class JobService:
 
     # ------------------------------------------------------------------ follow
 
-    async def follow(self, job_id: str) -> AsyncIterator[Event]:
-        """The job's events, from its state now to its end: a ``progress`` snapshot first,
-        ``progress`` while it runs, one final ``status``. Not found: raised before the
-        first event. When the server shuts down, a ``closing`` event ends it."""
+    async def follow(self, job_id: str, after: int | None = None) -> AsyncIterator[Event]:
+        """The job's events (``app/jobs/replay.py`` builds them): without ``after``, a
+        ``status`` snapshot (id: the job's step) first; with it (``Last-Event-ID``), the
+        events with a larger id, replayed from the store, first. Then ``progress`` as
+        points are recorded, ``status`` (no id) when it changes, and the final ``status``.
+        Not found: raised before the first event. At shutdown a ``closing`` event ends it."""
         await run_in_threadpool(self._record, job_id)  # 404 before the stream starts
 
         async def events() -> AsyncIterator[Event]:
-            # Subscribe inside the stream, so one that never starts (client gone)
-            # leaves no subscription behind; before the snapshot, so nothing is missed.
+            # Subscribe inside the stream, so one that never starts (client gone) leaves
+            # no subscription behind; before reading the store, so nothing is missed.
             queue = self.events.subscribe(job_id)
             try:
-                current = await run_in_threadpool(self._record, job_id)
-                snapshot = (await run_in_threadpool(self._out, current)).model_dump()
-                if current.status in TERMINAL_STATUSES:
-                    yield "status", snapshot, current.step
+                job = await run_in_threadpool(self._record, job_id)
+                total = total_steps(job)
+                if after is None:
+                    out = await run_in_threadpool(self._out, job)
+                    if job.status in TERMINAL_STATUSES:
+                        yield status_event(out, final_id(job))
+                        return
+                    yield status_event(out, job.step)
+                last = job.step if after is None else after
+                evals = await run_in_threadpool(self.store.evaluations, [job_id])
+                best = Best.before(evals.get(job_id, ()), last)
+
+                async def caught_up() -> AsyncIterator[Event]:
+                    # Every point after the last one sent: live and replayed alike.
+                    nonlocal last
+                    for p in await run_in_threadpool(self.store.get_metrics, job_id, last):
+                        yield progress_event(p, total, best)
+                        last = p.step
+
+                async def final(now: JobRecord) -> AsyncIterator[Event]:
+                    async for e in caught_up():  # all recorded before the outcome was
+                        yield e
+                    if final_id(now) > last:
+                        yield status_event(await run_in_threadpool(self._out, now), final_id(now))
+
+                if after is not None and job.status in TERMINAL_STATUSES:
+                    async for e in final(job):
+                        yield e
                     return
-                yield "progress", {"step": current.step, "job": snapshot}, current.step
+                async for e in caught_up():
+                    yield e
                 while True:
                     try:
-                        m = await asyncio.wait_for(queue.get(), timeout=KEEP_ALIVE_S)
+                        messages = [await asyncio.wait_for(queue.get(), timeout=KEEP_ALIVE_S)]
                     except TimeoutError:
-                        # An event missed (e.g. a scale-out replica's Redis subscription
-                        # reconnecting) must not leave the stream open forever: ask the store.
+                        # An event missed (a scale-out replica's Redis subscription
+                        # reconnecting) must not leave the stream open: ask the store.
                         now = await run_in_threadpool(self._record, job_id)
                         if now.status in TERMINAL_STATUSES:
-                            out = await run_in_threadpool(self._out, now)
-                            yield "status", out.model_dump(), now.step
+                            async for e in final(now):
+                                yield e
                             return
+                        async for e in caught_up():
+                            yield e
                         yield "keep-alive", {}, None
                         continue
-                    if m is CLOSING:
+                    while not queue.empty():  # one store read answers all that waits
+                        messages.append(queue.get_nowait())
+                    if any(m is CLOSING for m in messages):
                         yield "closing", {}, None
                         return
-                    if m.get("type") == "progress":
-                        data = {k: v for k, v in m.items() if k != "type"}
-                        yield "progress", data, int(m["step"])
-                    elif m.get("type") == "status" and m.get("status") in TERMINAL_STATUSES:
-                        final = await run_in_threadpool(self._record, job_id)
-                        out = await run_in_threadpool(self._out, final)
-                        yield "status", out.model_dump(), final.step
-                        return
+                    fresh = False  # points recorded, not read yet
+                    for m in messages:
+                        if m.get("type") == "progress":
+                            fresh = True
+                        elif m.get("type") == "status":
+                            if fresh:
+                                async for e in caught_up():
+                                    yield e
+                                fresh = False
+                            now = await run_in_threadpool(self._record, job_id)
+                            if now.status in TERMINAL_STATUSES:
+                                async for e in final(now):
+                                    yield e
+                                return
+                            yield status_event(await run_in_threadpool(self._out, now), None)
+                    if fresh:
+                        async for e in caught_up():
+                            yield e
             finally:
                 self.events.unsubscribe(job_id, queue)
 

@@ -254,6 +254,10 @@ class _Execution:
                 log.info("job %s: cancellation requested", self.job_id)
                 run.cancelled = True
                 self.stop.set()
+            elif ours and run is not None and not run.pausing and self._pause_asked():
+                log.info("job %s: pause requested", self.job_id)
+                run.pausing = True
+                self.stop.set()
             if not ours:
                 self._lose("re-queued: missed heartbeats")
 
@@ -289,6 +293,28 @@ class _Execution:
             _worker.app.send_task(TRAIN_TASK, args=[self.job_id])
         else:
             self._lose("not running here any more when handed back")
+
+    def _pause_asked(self) -> bool:
+        try:
+            return self.store.pause_asked(self.job_id)
+        except Exception:  # a database blip: asked again at the next heartbeat
+            log.warning("job %s: could not read its pause request", self.job_id, exc_info=True)
+            return False
+
+    def keep_paused(self, run: Run) -> None:
+        """Paused: the checkpoint of the step it stopped at goes to the job's row with
+        the ``paused`` status, in one UPDATE; any worker resumes it later."""
+        try:
+            state = run.state_file.read_bytes() if run.state_file.exists() else None
+            paused = self.store.pause_job(self.job_id, worker=self.worker, state=state)
+        except StoreError as e:  # still running in the store: the reaper re-queues it
+            log.warning("job %s: could not record its pause: %s", self.job_id, e)
+            return
+        if paused:
+            self.done.set()
+            self.lifecycle.paused(run)
+        else:
+            self._lose("not running here any more when paused")
 
     def unrecorded(self, run: Run, outcome: Outcome) -> None:
         """Try again a few times (heartbeats go on meanwhile); a retry after a commit that

@@ -24,7 +24,7 @@ from model.inference import Chooser, entropy_bits, make_chooser, next_distributi
 from model.params import hidden_size_for
 
 from ..domain import ModelLimits, Name
-from ..errors import Invalid, NotFound, Unavailable
+from ..errors import Invalid, NotFound, Unavailable, error_payload
 from ..metrics import GENERATIONS, MODEL_CACHE, PREDICTIONS, SCORES
 from ..store.base import ModelRecord, Store, readable
 from ..store.validation import validate_model_bytes
@@ -172,7 +172,8 @@ class ModelService:
 
     async def generate_events(self, body: GenerateIn) -> AsyncIterator[Event]:
         """The sample as events: one ``chunk`` per character, then ``done``. Refusals (no
-        such model, unknown characters) are raised here, before the first event."""
+        such model, unknown characters) are raised here, before the first event; a
+        failure midway is a last ``error`` event (the error shape), not a cut stream."""
         loaded, h, chooser = await self._sampler(body)
 
         async def events() -> AsyncIterator[Event]:
@@ -186,6 +187,9 @@ class ModelService:
                     for ch in piece:
                         parts.append(ch)
                         yield "chunk", {"text": ch}
+            except Exception as e:  # the 200 is sent: the client is told in the stream
+                yield "error", error_payload(e, "generation")
+                return
             finally:
                 await pieces.aclose()  # a client gone: leave the batch now
             final = {"model": loaded.id, "text": "".join(parts)}

@@ -247,6 +247,56 @@ function addPoint(p) {
   };
   add(chart.train, p.train_loss);
   add(chart.val, p.val_loss);
+  addDiagnostics(p);
+}
+
+// Under the chart: the latest log point's gradient norm, learning rate and speed, and
+// the latest few samples of the current weights (taken at evaluations), with their step.
+const SAMPLES_SHOWN = 4;
+const diagnostics = { samples: new Map(), last: null };
+
+function resetDiagnostics() {
+  diagnostics.samples = new Map();
+  diagnostics.last = null;
+  drawDiagnostics();
+}
+
+function addDiagnostics(p) {
+  if (typeof p.sample === "string") diagnostics.samples.set(p.step, p.sample);
+  if (typeof p.grad_norm === "number" && (!diagnostics.last || p.step >= diagnostics.last.step)) {
+    diagnostics.last = p;
+  }
+}
+
+function drawDiagnostics() {
+  const line = $("train-diagnostics");
+  const d = diagnostics.last;
+  if (d) {
+    const parts = [`step ${d.step}`, `gradient norm ${Number(d.grad_norm.toPrecision(3))}${d.clipped ? " (clipped)" : ""}`];
+    if (typeof d.learning_rate === "number") parts.push(`learning rate ${d.learning_rate.toExponential(2)}`);
+    if (typeof d.chars_per_sec === "number") parts.push(`${Math.round(d.chars_per_sec).toLocaleString("en-US")} chars/s`);
+    line.textContent = parts.join(" · ");
+    line.dataset.step = String(d.step);
+  } else {
+    line.textContent = "";
+    delete line.dataset.step;
+  }
+  line.hidden = !d;
+  const steps = [...diagnostics.samples.keys()].sort((a, b) => a - b).slice(-SAMPLES_SHOWN);
+  const list = $("sample-list");
+  list.replaceChildren(...steps.map((step) => {
+    const item = document.createElement("li");
+    item.dataset.step = String(step);
+    const label = document.createElement("span");
+    label.className = "sample-step";
+    label.textContent = `step ${step}`;
+    const text = document.createElement("pre");
+    text.className = "sample-text";
+    text.textContent = diagnostics.samples.get(step); // the model's text: never markup
+    item.append(label, text);
+    return item;
+  }));
+  $("train-samples").hidden = steps.length === 0;
 }
 
 // The curve so far, from the store: a stream that (re)connects mid-job, or a job that
@@ -263,6 +313,7 @@ async function loadCurve(jobId) {
     chart.train.sort((a, b) => a.step - b.step);
     chart.val.sort((a, b) => a.step - b.step);
     drawChart();
+    drawDiagnostics();
   } catch (error) {
     showError("train-error", error);
   }
@@ -290,9 +341,11 @@ function showProgress(step, total, status, note) {
   $("train-status").textContent = text;
 }
 
-function setRunning(running) {
+function setRunning(running, paused = false) {
   $("train-start").disabled = running;
   $("train-cancel").disabled = !running;
+  $("train-pause").disabled = !running || paused;
+  $("train-resume").disabled = !running || !paused;
 }
 
 async function finished(job) {
@@ -325,25 +378,30 @@ function follow(job) {
   chart.val = [];
   chart.total = job.progress.total_steps;
   rate = null;
+  resetDiagnostics();
   drawChart();
-  setRunning(true);
+  setRunning(true, job.status === "paused");
   showProgress(job.progress.step, job.progress.total_steps, job.status, job.note);
   if (events) events.close();
   events = new EventSource(`jobs/${encodeURIComponent(job.id)}/events`);
+  // The browser reconnects by itself with Last-Event-ID: the stream then sends only what
+  // this page missed (no snapshot, no point twice).
   events.addEventListener("progress", (e) => {
-    const data = JSON.parse(e.data);
-    if (data.job) { // the snapshot every (re)connected stream starts with
-      chart.total = data.job.progress.total_steps;
-      showProgress(data.job.progress.step, data.job.progress.total_steps, data.job.status, data.job.note);
-      loadCurve(job.id);
-      return;
-    }
+    const data = JSON.parse(e.data); // one metric point, as GET jobs/{id}/metrics has it
     if (data.total_steps) chart.total = data.total_steps;
     addPoint(data);
     drawChart();
-    showProgress(data.step, data.total_steps, "running", liveNote(data));
+    drawDiagnostics();
+    if (!$("train-pause").disabled) showProgress(data.step, data.total_steps, "running", liveNote(data));
   });
-  events.addEventListener("status", (e) => finished(JSON.parse(e.data)));
+  events.addEventListener("status", (e) => {
+    const now = JSON.parse(e.data); // the job: a new stream's first event, each change, the end
+    if (["succeeded", "failed", "cancelled"].includes(now.status)) { finished(now); return; }
+    chart.total = now.progress.total_steps;
+    setRunning(true, now.status === "paused");
+    showProgress(now.progress.step, now.progress.total_steps, now.status, now.note);
+    loadCurve(job.id); // the points from before this stream began
+  });
   events.onerror = async () => {
     // The stream broke (server restart?): ask once whether the job is over.
     try {
@@ -376,6 +434,23 @@ async function startTraining() {
   } catch (error) {
     showError("train-error", error);
     setRunning(false);
+  }
+}
+
+// Pause checkpoints the run at its next step and frees its slot; resume continues it
+// exactly where it stopped (the same curve as an uninterrupted run). The stream stays open.
+async function steerTraining(action) {
+  if (!currentJob) return;
+  showError("train-error", null);
+  try {
+    const answer = await api(`jobs/${encodeURIComponent(currentJob.id)}/${action}`, { method: "POST" });
+    const job = answer.job || answer; // 202: still stopping ({state, message, job})
+    const paused = action === "pause";
+    setRunning(true, paused);
+    const status = answer.state || job.status;
+    showProgress(job.progress.step, job.progress.total_steps, status, answer.message || job.note);
+  } catch (error) {
+    showError("train-error", error);
   }
 }
 
@@ -425,6 +500,7 @@ async function showJob(jobId) {
     chart.train = [];
     chart.val = [];
     chart.total = job.progress.total_steps;
+    resetDiagnostics();
     await finished(job);
   } catch (error) {
     showError("train-error", error);
@@ -653,6 +729,8 @@ function init() {
   window.addEventListener("resize", () => { clearTimeout(resizeTimer); resizeTimer = setTimeout(drawChart, 100); });
   $("train-start").addEventListener("click", startTraining);
   $("train-cancel").addEventListener("click", cancelTraining);
+  $("train-pause").addEventListener("click", () => steerTraining("pause"));
+  $("train-resume").addEventListener("click", () => steerTraining("resume"));
   $("models-refresh").addEventListener("click", () => loadModels());
   $("model-select").addEventListener("change", modelChanged);
   $("predict-text").addEventListener("input", predictSoon);

@@ -20,9 +20,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, cast
 
-from ..domain import ACTIVE_STATUSES, JOB_STATUSES, TERMINAL_STATUSES, JobStatus
+from ..domain import (
+    ACTIVE_STATUSES,
+    JOB_STATUSES,
+    TERMINAL_STATUSES,
+    UNFINISHED_STATUSES,
+    JobStatus,
+)
+from .idempotency import IdempotencyKey
 
-__all__ = ["ACTIVE_STATUSES", "JOB_STATUSES", "TERMINAL_STATUSES", "JobStatus"]  # re-exported
+__all__ = [  # re-exported
+    "ACTIVE_STATUSES",
+    "JOB_STATUSES",
+    "TERMINAL_STATUSES",
+    "UNFINISHED_STATUSES",
+    "JobStatus",
+]
 
 log = logging.getLogger("charnn.store")
 
@@ -91,6 +104,12 @@ class MetricPoint:
     elapsed_s: float
     train_loss: float
     val_loss: float | None = None
+    # The step's diagnostics (None on points recorded before they were reported).
+    grad_norm: float | None = None  # before clipping
+    clipped: bool | None = None
+    learning_rate: float | None = None
+    chars_per_sec: float | None = None
+    sample: str | None = None  # at evaluations, when the job's sample_length > 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,9 +163,16 @@ class Store(Protocol):
         vocab_size: int,
         *,
         max_queued: int | None = None,
+        idempotency: IdempotencyKey | None = None,
     ) -> JobRecord:
         """Store a ``queued`` job; with ``max_queued``, refuse (``QueueFullError``, nothing
-        stored) when that many already wait, checked atomically with the insert."""
+        stored) when that many already wait, checked atomically with the insert. With
+        ``idempotency``, the key is recorded in the same transaction, or, when it is live
+        already, nothing is stored and ``IdempotentReplay``/``IdempotencyMismatch`` raised."""
+        ...
+
+    def idempotency_key(self, key: str) -> tuple[str, str] | None:
+        """(fingerprint, job id) of a live idempotency key, or None."""
         ...
 
     def get_job(self, job_id: str) -> JobRecord | None: ...
@@ -175,6 +201,19 @@ class Store(Protocol):
         while it is active (and, with ``worker``, owned by that worker): the stored model,
         True without one, False when it is not (any more) this caller's to finish, None
         for an unknown job."""
+        ...
+
+    def pause_job(
+        self, job_id: str, *, worker: str | None = None, state: bytes | None = None
+    ) -> bool:
+        """A queued job, or a running one (with ``worker``: owned by it) that stopped
+        checkpointed, to ``paused`` (``state`` written first, if given); held by no
+        runner, not resumed at a restart. False if it was not the caller's to pause."""
+        ...
+
+    def resume_job(self, job_id: str, *, max_queued: int | None = None) -> bool:
+        """A paused job back to ``queued`` (``QueueFullError`` when ``max_queued`` wait
+        already, nothing changed); False if it is not paused."""
         ...
 
     def requeue_job(
@@ -235,6 +274,8 @@ class WorkerStore(LocalStore, Protocol):
     def queued_job_ids(self) -> list[str]: ...
     def request_cancel(self, job_id: str) -> JobRecord | None: ...
     def cancel_requests(self) -> list[str]: ...
+    def request_pause(self, job_id: str) -> bool: ...
+    def pause_requests(self) -> list[str]: ...
 
 
 class SharedStore(Store, Protocol):
@@ -244,6 +285,8 @@ class SharedStore(Store, Protocol):
     def claim_job(self, job_id: str, worker: str, stale_after_s: float) -> JobRecord | None: ...
     def heartbeat(self, job_id: str, worker: str) -> tuple[bool, bool]: ...
     def request_cancel(self, job_id: str) -> JobRecord | None: ...
+    def request_pause(self, job_id: str) -> bool: ...
+    def pause_asked(self, job_id: str) -> bool: ...
     def requeue_stale(self, stale_after_s: float) -> list[str]: ...
     def discard_job(self, job_id: str) -> bool: ...
 
@@ -257,6 +300,12 @@ PROGRESS_FIELDS = frozenset(
 def check_room(queued: int, max_queued: int) -> None:
     if queued >= max_queued:
         raise QueueFullError(f"{queued} jobs are already waiting (max_queued_jobs)")
+
+
+def finishable(status: str) -> tuple[JobStatus, ...]:
+    """The statuses a job may finish ``status`` from: a paused job (held by no runner)
+    can only be cancelled."""
+    return UNFINISHED_STATUSES if status == "cancelled" else ACTIVE_STATUSES
 
 
 def check_finish(status: str, model: NewModel | None) -> None:
@@ -446,7 +495,24 @@ def metric_from_row(r: Mapping[str, Any]) -> MetricPoint:
         # NaN/inf were stored as NULL; a diverged point still has a (nan) loss.
         train_loss=math.nan if r["train_loss"] is None else r["train_loss"],
         val_loss=r["val_loss"],
+        grad_norm=_column(r, "grad_norm"),
+        clipped=None if (c := _column(r, "clipped")) is None else bool(c),
+        learning_rate=_column(r, "learning_rate"),
+        chars_per_sec=_column(r, "chars_per_sec"),
+        sample=_column(r, "sample"),
     )
+
+
+# The diagnostics columns of a metrics row (added in place to older tables).
+METRIC_DIAGNOSTICS = ("grad_norm", "clipped", "learning_rate", "chars_per_sec", "sample")
+
+
+def _column(r: Mapping[str, Any], name: str) -> Any:
+    """``r[name]``, None for a row read without that column (an older table)."""
+    try:
+        return r[name]
+    except (KeyError, IndexError):
+        return None
 
 
 def finite_or_none(value: Any) -> Any:

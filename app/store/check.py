@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .base import (
-    ACTIVE_STATUSES,
+    UNFINISHED_STATUSES,
     DataDirInUse,
     StoreError,
     dump_json,
@@ -180,7 +180,7 @@ def _compare_files(data_dir: Path, rows: _Rows, db_lost: bool, report: Report) -
         report.problem(f"job folder {job_id} has no job")
     for job_id, job in sorted(rows.jobs.items()):
         if (
-            job["status"] in ACTIVE_STATUSES
+            job["status"] in UNFINISHED_STATUSES  # a paused job resumes from its folder too
             and not (data_dir / "jobs" / job_id / "corpus.txt").is_file()
         ):
             report.problem(f"job {job_id} is {job['status']} but its corpus is gone")

@@ -57,8 +57,8 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import DictRow
 
 from .base import (
-    ACTIVE_STATUSES,
     JOB_STATUSES,
+    UNFINISHED_STATUSES,
     JobActiveError,
     JobRecord,
     JobStatus,
@@ -72,11 +72,13 @@ from .base import (
     checked_progress,
     checked_update,
     dump_json,
+    finishable,
     finite_or_none,
     model_from_row,
     new_id,
     valid_id,
 )
+from .idempotency import POSTGRES_DDL, POSTGRES_KEYS, IdempotencyKey, answer, claim, find
 from .listen import VersionListener
 from .pool import Pool
 from .sql import JOB_COLUMNS, MODEL_COLUMNS, POSTGRES, SqlReads
@@ -87,7 +89,7 @@ __all__ = ["PG_SCHEMA_VERSION", "PostgresStore"]
 
 log = logging.getLogger("charnn.store")
 
-PG_SCHEMA_VERSION = 1
+PG_SCHEMA_VERSION = 2
 # Keys of the advisory locks (database-wide, any constants unique to charnn): one
 # serialises schema creation/migration ("charnn" in ASCII), one the queue's admission
 # checks ("charnnq").
@@ -104,6 +106,15 @@ _NOW = "(SELECT extract(epoch FROM clock_timestamp())::double precision)"
 # A running job whose heartbeat is older than %(stale)s seconds (or was never
 # sent: no live owner proves it is alive) has lost its worker.
 _STALE = f"(status = 'running' AND (heartbeat_at IS NULL OR heartbeat_at < {_NOW} - %(stale)s))"
+
+# base.METRIC_DIAGNOSTICS, as PostgreSQL columns.
+_METRIC_COLUMNS = {
+    "grad_norm": "DOUBLE PRECISION",
+    "clipped": "BOOLEAN",
+    "learning_rate": "DOUBLE PRECISION",
+    "chars_per_sec": "DOUBLE PRECISION",
+    "sample": "TEXT",
+}
 
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: (
@@ -162,6 +173,15 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE INDEX IF NOT EXISTS charnn_models_created ON charnn_models (created_at, seq)",
         "CREATE INDEX IF NOT EXISTS charnn_models_name_created "
         "ON charnn_models (name, created_at, seq)",
+    ),
+    # Pause (issue 19): the status CHECK lets ``paused`` in, and a worker learns of a
+    # pause from its heartbeat, as of a cancel.
+    2: (
+        "ALTER TABLE charnn_jobs DROP CONSTRAINT IF EXISTS charnn_jobs_status_check",
+        "ALTER TABLE charnn_jobs ADD CONSTRAINT charnn_jobs_status_check "
+        f"CHECK (status IN ({', '.join(repr(s) for s in JOB_STATUSES)}))",
+        "ALTER TABLE charnn_jobs ADD COLUMN IF NOT EXISTS pause_requested BOOLEAN NOT NULL "
+        "DEFAULT false",
     ),
 }
 
@@ -281,6 +301,7 @@ class PostgresStore(SqlReads):
         self._pool = Pool(database_url, kwargs, pool_size)
         try:
             self._init_schema()
+            self._init_idempotency()
             row = self._one("SELECT 'charnn_meta'::regclass::oid::bigint AS oid")
         except BaseException:
             self._pool.close()
@@ -387,7 +408,7 @@ class PostgresStore(SqlReads):
             row = None
         if row is not None:
             self._check_version(int(row["schema_version"]))
-            if row["schema_version"] == PG_SCHEMA_VERSION:
+            if row["schema_version"] == PG_SCHEMA_VERSION and not self._missing_metric_columns():
                 return
 
         def body(cur: Cursor) -> None:
@@ -418,8 +439,22 @@ class PostgresStore(SqlReads):
                     cur.execute(cast(Any, statement))
             if version < PG_SCHEMA_VERSION:
                 cur.execute("UPDATE charnn_meta SET schema_version = %s", (PG_SCHEMA_VERSION,))
+            for name in self._missing_metric_columns(cur):
+                column = f"{name} {_METRIC_COLUMNS[name]}"
+                cur.execute(cast(Any, f"ALTER TABLE charnn_metrics ADD COLUMN {column}"))
 
         self._run(body, write=True)
+
+    def _missing_metric_columns(self, cur: Cursor | None = None) -> list[str]:
+        """The diagnostics columns an older ``charnn_metrics`` lacks (added in place,
+        nullable, without a schema version: an older charnn still reads and writes it)."""
+        query = (
+            "SELECT column_name FROM information_schema.columns "
+            "WHERE table_schema = current_schema() AND table_name = 'charnn_metrics'"
+        )
+        rows = cur.execute(query).fetchall() if cur is not None else self._rows(query)
+        have = {r["column_name"] for r in rows}
+        return [name for name in _METRIC_COLUMNS if name not in have]
 
     # -- jobs -------------------------------------------------------------------
 
@@ -433,6 +468,7 @@ class PostgresStore(SqlReads):
         vocab_size: int,
         *,
         max_queued: int | None = None,
+        idempotency: IdempotencyKey | None = None,
     ) -> JobRecord:
         """Insert the job as ``queued``, its corpus in the same row.
 
@@ -444,11 +480,15 @@ class PostgresStore(SqlReads):
         the ones before it), so the lock is never held while a 10M-character corpus
         travels. A corpus with lone surrogates raises ``UnicodeEncodeError`` and one
         with NUL characters ``ValueError`` (both ``ValueError``) before anything is
-        written.
+        written. With ``idempotency``, the key is claimed after the row and before the
+        admission lock (a racing request with the key waits here for this transaction's
+        end, then answers its job: a replay is never refused for a full queue).
         """
         corpus.encode("utf-8")
         _no_nul("the corpus", corpus)
         _no_nul("the job name", name)
+        if idempotency is not None and (live := self.idempotency_key(idempotency.key)):
+            answer(idempotency, {"fingerprint": live[0], "job_id": live[1]})
         if max_queued is not None:
             check_room(self.count_queued(), max_queued)  # cheap, before the corpus is sent
 
@@ -469,6 +509,10 @@ class PostgresStore(SqlReads):
                     corpus,
                 ),
             ).fetchone()
+            if idempotency is not None:
+                assert row is not None
+                execute = lambda q, p: cur.execute(cast(Any, q), p)  # noqa: E731
+                claim(execute, POSTGRES_KEYS, idempotency, str(row["id"]))
             if max_queued is not None:
                 # Held to the end of the transaction: count and COMMIT are one step for
                 # every replica. The count includes this (uncommitted) row.
@@ -483,6 +527,24 @@ class PostgresStore(SqlReads):
         job = self._first_job(self._run(body, write=True))
         assert job is not None
         return job
+
+    def idempotency_key(self, key: str) -> tuple[str, str] | None:
+        row = find(self._all, POSTGRES_KEYS, key)
+        return None if row is None else (str(row["fingerprint"]), str(row["job_id"]))
+
+    def _init_idempotency(self) -> None:
+        """The idempotency keys' table, beside the versioned schema (``idempotency.py``):
+        created if missing, under the schema lock, so a database of any version gains it."""
+        row = self._one("SELECT to_regclass(%s) IS NOT NULL AS ok", (POSTGRES_KEYS.table,))
+        if row is not None and row["ok"]:
+            return
+
+        def body(cur: Cursor) -> None:
+            cur.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+            for statement in POSTGRES_DDL:
+                cur.execute(cast(Any, statement))
+
+        self._run(body, write=True)
 
     def update_job(self, job_id: str, **fields: Any) -> JobRecord | None:
         """Set the given columns; the updated job, or None if there is no such job.
@@ -542,7 +604,7 @@ class PostgresStore(SqlReads):
             ).fetchone()
             if row is None:
                 return False
-            if row["status"] in ACTIVE_STATUSES:
+            if row["status"] in UNFINISHED_STATUSES:
                 raise JobActiveError(row["status"])
             cur.execute("DELETE FROM charnn_jobs WHERE id = %s", (job_id,))
             return True
@@ -753,7 +815,7 @@ class PostgresStore(SqlReads):
             if row is None:
                 return None
             if worker is None:
-                if row["status"] not in ACTIVE_STATUSES:
+                if row["status"] not in finishable(status):
                     return False
             elif row["status"] != "running" or row["worker"] != worker:
                 return False
@@ -796,6 +858,77 @@ class PostgresStore(SqlReads):
 
         return self._run(body, write=True)
 
+    def pause_job(
+        self, job_id: str, *, worker: str | None = None, state: bytes | None = None
+    ) -> bool:
+        """To ``paused`` with its checkpoint (``state``, if given), worker and pause
+        request cleared: a queued job, or (with ``worker``) a running one that worker
+        owns and stopped. One UPDATE, as ``requeue_job``."""
+        if not valid_id(job_id):
+            return False
+        owned = "worker = %(worker)s AND status = 'running'"
+        queued = "status = 'queued'"
+
+        def body(cur: Cursor) -> bool:
+            cur.execute(
+                "UPDATE charnn_jobs SET status = 'paused', worker = NULL, eta_s = NULL, "
+                "pause_requested = false, state = COALESCE(%(state)s, state) "
+                f"WHERE id = %(id)s AND {owned if worker is not None else queued}",
+                {"state": state, "id": job_id, "worker": worker},
+            )
+            return cur.rowcount > 0
+
+        return self._run(body, write=True)
+
+    def resume_job(self, job_id: str, *, max_queued: int | None = None) -> bool:
+        """A paused job back to ``queued``; the queue's room counted under the same
+        advisory lock as ``create_job``'s, so it holds across replicas."""
+        if not valid_id(job_id):
+            return False
+
+        def body(cur: Cursor) -> bool:
+            if max_queued is not None:
+                cur.execute("SELECT pg_advisory_xact_lock(%s)", (_ADMISSION_LOCK,))
+                n = cur.execute(
+                    "SELECT count(*) AS n FROM charnn_jobs WHERE status = 'queued'"
+                ).fetchone()
+                check_room(int(n["n"]) if n else 0, max_queued)
+            cur.execute(
+                "UPDATE charnn_jobs SET status = 'queued', pause_requested = false "
+                "WHERE id = %s AND status = 'paused'",
+                (job_id,),
+            )
+            return cur.rowcount > 0
+
+        return self._run(body, write=True)
+
+    def request_pause(self, job_id: str) -> bool:
+        """Pause a job: a queued one at once, a running one by setting
+        ``pause_requested`` for its worker (``pause_asked``); False if not active."""
+        if not valid_id(job_id):
+            return False
+
+        def body(cur: Cursor) -> bool:
+            cur.execute(
+                "UPDATE charnn_jobs SET pause_requested = (status = 'running'), "
+                "status = CASE WHEN status = 'queued' THEN 'paused' ELSE status END "
+                "WHERE id = %s AND status IN ('queued', 'running')",
+                (job_id,),
+            )
+            return cur.rowcount > 0
+
+        return self._run(body, write=True)
+
+    def pause_asked(self, job_id: str) -> bool:
+        """Whether a pause of the running job was requested (read with each heartbeat)."""
+        if not valid_id(job_id):
+            return False
+        row = self._one(
+            "SELECT pause_requested FROM charnn_jobs WHERE id = %s AND status = 'running'",
+            (job_id,),
+        )
+        return bool(row and row["pause_requested"])
+
     # -- metrics ----------------------------------------------------------------
 
     def add_metrics(self, job_id: str, points: Sequence[MetricPoint]) -> int:
@@ -811,18 +944,27 @@ class PostgresStore(SqlReads):
             # One statement for the whole batch; the job's row is locked (FOR KEY
             # SHARE, as the foreign key would) so it cannot vanish in between.
             cur.execute(
-                "INSERT INTO charnn_metrics (job_id, step, elapsed_s, train_loss, val_loss) "
-                "SELECT j.id, p.step, p.elapsed_s, p.train_loss, p.val_loss "
+                "INSERT INTO charnn_metrics (job_id, step, elapsed_s, train_loss, val_loss, "
+                "grad_norm, clipped, learning_rate, chars_per_sec, sample) "
+                "SELECT j.id, p.step, p.elapsed_s, p.train_loss, p.val_loss, p.grad_norm, "
+                "p.clipped, p.learning_rate, p.chars_per_sec, p.sample "
                 "FROM (SELECT id FROM charnn_jobs WHERE id = %s FOR KEY SHARE) AS j, "
                 "unnest(%s::bigint[], %s::double precision[], %s::double precision[], "
-                "%s::double precision[]) WITH ORDINALITY AS p(step, elapsed_s, train_loss, "
-                "val_loss, n) ORDER BY p.n ON CONFLICT (job_id, step) DO NOTHING",
+                "%s::double precision[], %s::double precision[], %s::boolean[], "
+                "%s::double precision[], %s::double precision[], %s::text[]) WITH ORDINALITY "
+                "AS p(step, elapsed_s, train_loss, val_loss, grad_norm, clipped, learning_rate, "
+                "chars_per_sec, sample, n) ORDER BY p.n ON CONFLICT (job_id, step) DO NOTHING",
                 (
                     job_id,
                     [p.step for p in points],
                     [float(p.elapsed_s) for p in points],
                     [finite_or_none(float(p.train_loss)) for p in points],
                     [finite_or_none(p.val_loss) for p in points],
+                    [finite_or_none(p.grad_norm) for p in points],
+                    [p.clipped for p in points],
+                    [finite_or_none(p.learning_rate) for p in points],
+                    [finite_or_none(p.chars_per_sec) for p in points],
+                    [p.sample for p in points],
                 ),
             )
             return max(cur.rowcount, 0)

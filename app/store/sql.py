@@ -15,6 +15,7 @@ from typing import Any
 
 from ..domain import JobStatus
 from .base import (
+    METRIC_DIAGNOSTICS,
     JobRecord,
     MetricPoint,
     ModelRecord,
@@ -143,8 +144,8 @@ class SqlReads:
             return []
         d = self.dialect
         rows = self._rows(
-            f"SELECT step, elapsed_s, train_loss, val_loss FROM {d.metrics} "
-            f"WHERE job_id = {d.p} AND step > {d.p} ORDER BY step",
+            f"SELECT step, elapsed_s, train_loss, val_loss, {', '.join(METRIC_DIAGNOSTICS)} "
+            f"FROM {d.metrics} WHERE job_id = {d.p} AND step > {d.p} ORDER BY step",
             (job_id, after_step),
         )
         return readable(rows, metric_from_row, "metric", self._reported)

@@ -45,6 +45,7 @@ from model.atomic import atomic_write_bytes
 from .base import (
     ACTIVE_STATUSES,
     JOB_STATUSES,
+    UNFINISHED_STATUSES,
     DataDirInUse,
     JobActiveError,
     JobRecord,
@@ -60,11 +61,13 @@ from .base import (
     checked_progress,
     checked_update,
     dump_json,
+    finishable,
     finite_or_none,
     new_id,
     valid_id,
 )
 from .faults import describe_os_error
+from .idempotency import SQLITE_DDL, SQLITE_KEYS, IdempotencyKey, answer, claim, find
 from .sql import MODEL_COLUMNS, SQLITE, SqlReads
 
 log = logging.getLogger("charnn.store")
@@ -133,8 +136,14 @@ _SCHEMA = (
         value INTEGER NOT NULL
     ) WITHOUT ROWID""",
     "INSERT OR IGNORE INTO counters (name, value) VALUES ('models', 0)",
+    *SQLITE_DDL,  # POST /jobs's idempotency keys (app/store/idempotency.py)
     # Cancels asked of a process that does not run the jobs, for the one that does.
     """CREATE TABLE IF NOT EXISTS cancel_requests (
+        job_id TEXT PRIMARY KEY,
+        requested_at REAL NOT NULL
+    ) WITHOUT ROWID""",
+    # Pauses likewise (POST /jobs/{id}/pause under `charnn serve --workers N`).
+    """CREATE TABLE IF NOT EXISTS pause_requests (
         job_id TEXT PRIMARY KEY,
         requested_at REAL NOT NULL
     ) WITHOUT ROWID""",
@@ -287,8 +296,10 @@ class SqliteStore(SqlReads):
             conn = self._conn
             conn.execute("BEGIN IMMEDIATE")
             try:
+                _allow_every_status(conn)
                 for statement in _SCHEMA:
                     conn.execute(statement)
+                _add_metric_columns(conn)
                 row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
                 version = row[0]
                 if version is None:
@@ -342,6 +353,7 @@ class SqliteStore(SqlReads):
         vocab_size: int,
         *,
         max_queued: int | None = None,
+        idempotency: IdempotencyKey | None = None,
     ) -> JobRecord:
         """Write the corpus file, then insert the job as ``queued``.
 
@@ -349,9 +361,12 @@ class SqliteStore(SqlReads):
         the insert, so concurrent submissions can never overfill it; a refused job
         (``QueueFullError``) leaves no row and no file. A corpus with lone surrogates
         cannot be UTF-8 and raises ``UnicodeEncodeError`` (a ``ValueError``) before
-        anything is written.
+        anything is written. With ``idempotency``, a live key is answered first (a replay
+        is never refused for a full queue), in the same transaction too.
         """
         data = corpus.encode("utf-8")
+        if idempotency is not None and (live := self.idempotency_key(idempotency.key)):
+            answer(idempotency, {"fingerprint": live[0], "job_id": live[1]})
         if max_queued is not None:
             check_room(self.count_queued(), max_queued)  # cheap, before any write
         job_id = new_id()
@@ -361,6 +376,10 @@ class SqliteStore(SqlReads):
             job_dir.mkdir()
             atomic_write_bytes(corpus_file, data)
             with self._tx() as conn:
+                if idempotency is not None:
+                    tx_rows = lambda q, p: conn.execute(q, p).fetchall()  # noqa: E731
+                    if (row := find(tx_rows, SQLITE_KEYS, idempotency.key)) is not None:
+                        answer(idempotency, row)
                 if max_queued is not None:
                     n = conn.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'")
                     check_room(int(n.fetchone()[0]), max_queued)
@@ -379,6 +398,8 @@ class SqliteStore(SqlReads):
                         vocab_size,
                     ),
                 )
+                if idempotency is not None:  # writers take turns: no live key can appear
+                    claim(conn.execute, SQLITE_KEYS, idempotency, job_id)
         except BaseException as exc:
             # No row names these files, so nothing can miss them.
             corpus_file.unlink(missing_ok=True)
@@ -391,6 +412,10 @@ class SqliteStore(SqlReads):
         job = self.get_job(job_id)
         assert job is not None
         return job
+
+    def idempotency_key(self, key: str) -> tuple[str, str] | None:
+        row = find(self._query, SQLITE_KEYS, key)
+        return None if row is None else (str(row["fingerprint"]), str(row["job_id"]))
 
     def update_job(self, job_id: str, **fields: Any) -> JobRecord | None:
         """Set the given columns; the updated job, or None if there is no such job.
@@ -444,13 +469,14 @@ class SqliteStore(SqlReads):
                 row = conn.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
                 if row is None:
                     return False
-                if row["status"] in ACTIVE_STATUSES:
+                if row["status"] in UNFINISHED_STATUSES:
                     raise JobActiveError(row["status"])
                 if folder.exists():
                     folder.rename(aside)
                     moved = True
                 conn.execute("DELETE FROM metrics WHERE job_id = ?", (job_id,))
                 conn.execute("DELETE FROM cancel_requests WHERE job_id = ?", (job_id,))
+                conn.execute("DELETE FROM pause_requests WHERE job_id = ?", (job_id,))
                 conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
         except OSError as e:
             raise StoreUnavailable(
@@ -547,7 +573,7 @@ class SqliteStore(SqlReads):
                 atomic_write_bytes(path, model.data)
             with self._tx() as conn:
                 row = conn.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
-                if row is None or row["status"] not in ACTIVE_STATUSES:
+                if row is None or row["status"] not in finishable(status):
                     if model is not None:
                         path.unlink(missing_ok=True)
                     return None if row is None else False
@@ -560,6 +586,7 @@ class SqliteStore(SqlReads):
                     (status, time.time(), model_id, error, job_id),
                 )
                 conn.execute("DELETE FROM cancel_requests WHERE job_id = ?", (job_id,))
+                conn.execute("DELETE FROM pause_requests WHERE job_id = ?", (job_id,))
         except BaseException as exc:
             if model is not None:
                 path.unlink(missing_ok=True)
@@ -588,6 +615,61 @@ class SqliteStore(SqlReads):
                 (job_id,),
             )
             return cur.rowcount > 0
+
+    def pause_job(
+        self, job_id: str, *, worker: str | None = None, state: bytes | None = None
+    ) -> bool:
+        """A queued job, or a running one that stopped checkpointed, to ``paused`` (after
+        ``state``, if given, is written): no runner holds it until ``resume_job``."""
+        if state is not None and not self.write_state(job_id, state):
+            return False
+        if not valid_id(job_id):
+            return False
+        with self._tx() as conn:
+            cur = conn.execute(
+                "UPDATE jobs SET status = 'paused', eta_s = NULL WHERE id = ? "
+                "AND status IN ('queued', 'running')",
+                (job_id,),
+            )
+            conn.execute("DELETE FROM pause_requests WHERE job_id = ?", (job_id,))
+            return cur.rowcount > 0
+
+    def resume_job(self, job_id: str, *, max_queued: int | None = None) -> bool:
+        """A paused job back to ``queued``, the queue's room checked in the same
+        transaction (``QueueFullError``); False if it is not paused."""
+        if not valid_id(job_id):
+            return False
+        with self._tx() as conn:
+            if max_queued is not None:
+                n = conn.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'")
+                check_room(int(n.fetchone()[0]), max_queued)
+            cur = conn.execute(
+                "UPDATE jobs SET status = 'queued' WHERE id = ? AND status = 'paused'", (job_id,)
+            )
+            return cur.rowcount > 0
+
+    def request_pause(self, job_id: str) -> bool:
+        """Record that an active job is to be paused, for the process that runs jobs
+        (``charnn serve --workers N``); False if it is not active."""
+        if not valid_id(job_id):
+            return False
+        with self._tx() as conn:
+            row = conn.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None or row["status"] not in ACTIVE_STATUSES:
+                return False
+            conn.execute(
+                "INSERT OR IGNORE INTO pause_requests (job_id, requested_at) VALUES (?, ?)",
+                (job_id, time.time()),
+            )
+            return True
+
+    def pause_requests(self) -> list[str]:
+        """Ids of the active jobs whose pause was requested, oldest request first."""
+        rows = self._query(
+            "SELECT p.job_id FROM pause_requests p JOIN jobs j ON j.id = p.job_id "
+            "WHERE j.status IN ('queued', 'running') ORDER BY p.requested_at ASC"
+        )
+        return [r["job_id"] for r in rows]
 
     # -- the queue, as the processes of a multi-worker server share it ------------
 
@@ -638,6 +720,11 @@ class SqliteStore(SqlReads):
                 p.elapsed_s,
                 finite_or_none(p.train_loss),
                 finite_or_none(p.val_loss),
+                finite_or_none(p.grad_norm),
+                None if p.clipped is None else int(p.clipped),
+                finite_or_none(p.learning_rate),
+                finite_or_none(p.chars_per_sec),
+                p.sample,
             )
             for p in points
         ]
@@ -646,8 +733,9 @@ class SqliteStore(SqlReads):
                 return 0
             before = conn.total_changes
             conn.executemany(
-                "INSERT OR IGNORE INTO metrics (job_id, step, elapsed_s, train_loss, val_loss) "
-                "VALUES (?, ?, ?, ?, ?)",
+                "INSERT OR IGNORE INTO metrics (job_id, step, elapsed_s, train_loss, val_loss, "
+                "grad_norm, clipped, learning_rate, chars_per_sec, sample) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
             return conn.total_changes - before
@@ -909,6 +997,44 @@ def owner_stopping(data_dir: Path) -> bool:
         return STOPPING in (data_dir / LOCK_NAME).read_bytes()[:64]
     except OSError:
         return False
+
+
+def _allow_every_status(conn: sqlite3.Connection) -> None:
+    """A jobs table made before a status existed (``paused``) has a CHECK that refuses
+    it, and SQLite cannot alter a CHECK: rebuild the table in the open transaction (its
+    rows kept, foreign keys checked at the commit), so an old data directory upgrades
+    in place. Nothing to do for a new or current database."""
+    row = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'jobs'")
+    found = row.fetchone()
+    if found is None or all(f"'{s}'" in found[0] for s in JOB_STATUSES):
+        return
+    old = [r[1] for r in conn.execute("PRAGMA table_info(jobs)")]
+    conn.execute("PRAGMA defer_foreign_keys=ON")
+    table = next(st for st in _SCHEMA if "EXISTS jobs (" in st)
+    conn.execute(table.replace("EXISTS jobs (", "EXISTS jobs_rebuilt (", 1))
+    new = {r[1] for r in conn.execute("PRAGMA table_info(jobs_rebuilt)")}
+    columns = ", ".join(c for c in old if c in new)
+    conn.execute(f"INSERT INTO jobs_rebuilt ({columns}) SELECT {columns} FROM jobs")
+    conn.execute("DROP TABLE jobs")
+    conn.execute("ALTER TABLE jobs_rebuilt RENAME TO jobs")
+
+
+# The diagnostics of a metric point (base.METRIC_DIAGNOSTICS), added in place to a
+# metrics table made before them: nullable, so an older charnn still reads and writes it.
+_METRIC_COLUMNS = {
+    "grad_norm": "REAL",
+    "clipped": "INTEGER",
+    "learning_rate": "REAL",
+    "chars_per_sec": "REAL",
+    "sample": "TEXT",
+}
+
+
+def _add_metric_columns(conn: sqlite3.Connection) -> None:
+    have = {r[1] for r in conn.execute("PRAGMA table_info(metrics)")}
+    for name, kind in _METRIC_COLUMNS.items():
+        if name not in have:
+            conn.execute(f"ALTER TABLE metrics ADD COLUMN {name} {kind}")
 
 
 def _bump_models(conn: sqlite3.Connection) -> None:

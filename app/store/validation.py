@@ -51,6 +51,8 @@ class ModelHyperparameters(BaseModel):
     dtype: Literal["float32", "float64"] | None = None
     seed: int | None = Field(None, ge=0, le=2**64 - 1)
     log_every: int | None = Field(None, ge=1, le=2**62)
+    sample_length: int | None = Field(None, ge=0, le=2**62)
+    sample_temperature: float | None = Field(None, ge=0, le=1e9)
 
 
 class ModelMetrics(BaseModel):

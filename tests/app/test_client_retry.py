@@ -236,6 +236,10 @@ class Case:
         return f"{self.method} {self.path}"
 
 
+async def _train_id(c: AsyncClient) -> str:
+    return (await c.train("abcd" * 300)).id
+
+
 HEALTH = Case("GET", "/healthz", lambda c: c.health(), lambda c: c.health())
 SAFE = [
     HEALTH,
@@ -254,9 +258,10 @@ SAFE = [
     Case("GET", "/models/m1", lambda c: c.model("m1"), lambda c: c.model("m1")),
     Case("DELETE", "/models/m1", lambda c: c.delete_model("m1"), lambda c: c.delete_model("m1")),
     Case("GET", "/models/m1/checkpoint", lambda c: c.download("m1"), lambda c: c.download("m1")),
+    # with its Idempotency-Key, resent: the server answers the first attempt's job
+    Case("POST", "/jobs", lambda c: c.train("abcd" * 300).id, lambda c: _train_id(c)),
 ]
 NOT_SAFE = [
-    Case("POST", "/jobs", lambda c: c.train("abcd" * 300), lambda c: c.train("abcd" * 300)),
     Case("POST", "/jobs/j1/cancel", lambda c: c.job("j1").cancel(), lambda c: c.job("j1").cancel()),
     Case("POST", "/models", lambda c: c.upload(b"PK\x03\x04"), lambda c: c.upload(b"PK\x03\x04")),
     # streams: Job.wait reconnects by itself; a started stream_generate must not start again
@@ -412,3 +417,37 @@ def test_only_a_dead_connection_is_a_reason_to_send_again(
                 c.predict("ab")
         assert (e.value.status, e.value.code) == (0, code)
     assert sent == ["/predict"] * sends
+
+
+@CLIENTS
+@pytest.mark.parametrize("error", [httpx.ReadTimeout, httpx.WriteTimeout, httpx.ReadError])
+def test_train_is_sent_again_after_a_timeout_with_the_same_key(
+    error: type[httpx.TransportError], asynchronous: bool
+) -> None:
+    """A submit whose answer did not come may have stored the job: the repeat carries the
+    same Idempotency-Key, so the server answers that job rather than start a second."""
+    keys: list[str | None] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        keys.append(request.headers.get("idempotency-key"))
+        if len(keys) == 1:
+            raise error("boom", request=request)
+        return httpx.Response(202, json=job_record("queued"))
+
+    transport = httpx.MockTransport(handler)
+    if asynchronous:
+
+        async def go() -> str:
+            async with AsyncClient("http://x.test", transport=transport) as c:
+                return (await c.train("abcd" * 300)).id
+
+        job_id = asyncio.run(go())
+    else:
+        with Client("http://x.test", transport=transport) as c:
+            job_id = c.train("abcd" * 300).id
+    assert job_id == "j1"
+    assert len(keys) == 2 and keys[0] is not None and keys[0] == keys[1]
+    with Client("http://x.test", transport=transport) as c:
+        keys.clear()
+        c.train("abcd" * 300, idempotency_key="mine")
+    assert keys == ["mine", "mine"]
