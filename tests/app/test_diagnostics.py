@@ -10,8 +10,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
+import pytest
 
 from .conftest import CORPUS, LONG, QUICK, Server
+
+pytestmark = pytest.mark.slow  # a real server
 
 DIAGNOSTICS = ("grad_norm", "clipped", "learning_rate", "chars_per_sec", "sample")
 

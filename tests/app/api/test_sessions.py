@@ -24,6 +24,7 @@ from ..conftest import Server
 from .test_concurrent_predict import ALPHABET, expected, model_bytes
 
 Serve = Callable[..., Server]
+pytestmark = pytest.mark.slow  # every test starts a real server
 
 
 def ws_url(server: Server, query: str = "") -> str:
