@@ -14,9 +14,12 @@ the same doubles (tests/app/serving/test_numbers.py compares them on 300,000 val
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
+
+from model.inference import entropy_bits
 
 DIGITS = 7
 SHORT = 32  # below about 45 values the Python loop is faster than numpy's (measured)
@@ -60,3 +63,20 @@ def _array(x: np.ndarray, digits: int) -> list[float]:
 
 def significant1(value: float, digits: int = DIGITS) -> float:
     return _one(float(value), digits)
+
+
+def ranked(
+    probs: np.ndarray, chars: Sequence[str], top_k: int | None
+) -> tuple[list[dict[str, str | float]], float]:
+    """A distribution as answered (/predict, typing sessions): ``NextChar`` fields as plain
+    dicts, most likely first (ties by index), ``top_k`` of them; and its entropy in bits.
+    Dicts, not NextChar objects: validated with their message in one pydantic-core call,
+    a third of the cost (the JSON is the same)."""
+    order = np.argsort(-probs, kind="stable")
+    if top_k is not None:
+        order = order[:top_k]
+    top = significant(probs[order])
+    out: list[dict[str, str | float]] = [
+        {"char": chars[i], "prob": p} for i, p in zip(order.tolist(), top, strict=True)
+    ]
+    return out, significant1(entropy_bits(probs))

@@ -20,12 +20,12 @@ from collections import deque
 
 import numpy as np
 
-from model.inference import entropy_bits, initial_state, next_distribution
+from model.inference import initial_state, next_distribution
 
 from ..errors import Invalid
 from . import slices
 from .cache import LoadedModel
-from .numbers import significant, significant1
+from .numbers import ranked
 
 
 class Session:
@@ -96,19 +96,9 @@ class Session:
         self._after.append(initial_state(self.loaded.weights))
 
     def next(self, top_k: int | None) -> tuple[list[dict[str, str | float]], float]:
-        """The next-character distribution, most likely first (``NextChar`` fields, as
-        plain dicts: validated with their message in one pydantic-core call), and its
-        entropy in bits."""
+        """The next-character distribution as answered (``numbers.ranked``) and its entropy."""
         probs = next_distribution(self.loaded.weights, self.state, self.temperature)
-        order = np.argsort(-probs, kind="stable")
-        if top_k is not None:
-            order = order[:top_k]
-        chars = self.loaded.ckpt.vocab.chars
-        top = significant(probs[order])
-        out: list[dict[str, str | float]] = [
-            {"char": chars[i], "prob": p} for i, p in zip(order.tolist(), top, strict=True)
-        ]
-        return out, significant1(entropy_bits(probs))
+        return ranked(probs, self.loaded.ckpt.vocab.chars, top_k)
 
 
 def _common_prefix(a: str, b: str) -> int:
