@@ -12,6 +12,7 @@ stack trace.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
 from typing import Any
 
@@ -142,15 +143,16 @@ def clear_message(msg: str, type_: object = None) -> str:
     return msg
 
 
-def _validation_details(exc: RequestValidationError) -> list[dict[str, Any]]:
-    """Location, message and type of each problem; never the input (it may be a corpus)."""
+def validation_details(errors: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Location, message and type of each of pydantic's problems; never the input (it may
+    be a corpus). For HTTP bodies and typing-session messages alike."""
     return [
         {
             "loc": [str(p) for p in e.get("loc", ())],
             "msg": clear_message(str(e.get("msg")), e.get("type")),
             "type": e.get("type"),
         }
-        for e in exc.errors()
+        for e in errors
     ]
 
 
@@ -161,7 +163,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        details = _validation_details(exc)
+        details = validation_details(exc.errors())
         first = details[0] if details else {"loc": [], "msg": "invalid request"}
         where = ".".join(first["loc"][1:]) or "body"
         return error_response(422, "invalid", f"{where}: {first['msg']}", details)

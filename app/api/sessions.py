@@ -39,7 +39,7 @@ from starlette.websockets import WebSocketDisconnect
 
 from model.errors import UnknownCharactersError
 
-from ..errors import SURROGATE_MESSAGE, NotFound, ServiceError, clear_message
+from ..errors import SURROGATE_MESSAGE, NotFound, ServiceError, validation_details
 from ..metrics import SESSION_MESSAGES, SESSIONS_CLOSED, SESSIONS_OPEN
 from ..serving.schemas import (
     BackOp,
@@ -161,20 +161,21 @@ async def _refuse(ws: WebSocket, close_code: int, code: str, message: str) -> No
     await _close(ws, close_code, message)
 
 
+def _problem(e: ValidationError, where: str) -> tuple[str, list[dict[str, Any]]]:
+    """pydantic's first problem in words ("field: what is wrong"), and all of them."""
+    details = validation_details(e.errors())
+    first = details[0] if details else {"loc": [], "msg": "invalid", "type": None}
+    return f"{'.'.join(first['loc']) or where}: {first['msg']}", details
+
+
 def _invalid(e: ValidationError) -> str:
-    first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid message"}
-    where = ".".join(str(p) for p in first.get("loc", ())) or "message"
-    clear = clear_message(str(first.get("msg")), first.get("type"))
-    message = f"{where}: {clear}"
-    if first.get("type") == "json_invalid" and clear != SURROGATE_MESSAGE:
+    message, details = _problem(e, "message")
+    clear = details[0]["msg"] if details else ""
+    if details and details[0]["type"] == "json_invalid" and clear != SURROGATE_MESSAGE:
         message = (
             f"not JSON ({clear}): send one JSON object per message, "
             'e.g. {"op": "feed", "text": "a"}'
         )
-    details = [
-        {"loc": [str(p) for p in x.get("loc", ())], "msg": x.get("msg"), "type": x.get("type")}
-        for x in e.errors()
-    ]
     return _error("invalid", message, details)
 
 
@@ -221,10 +222,7 @@ async def typing_session(ws: WebSocket) -> None:
         params = SessionOpen.model_validate(dict(ws.query_params))
     except ValidationError as e:
         SESSIONS_CLOSED.labels("refused").inc()
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ())) or "query"
-        message = f"{where}: {clear_message(str(first.get('msg')), first.get('type'))}"
-        return await _refuse(ws, INVALID, "invalid", message)
+        return await _refuse(ws, INVALID, "invalid", _problem(e, "query")[0])
     entry = registry.admit(ws)
     if entry is None:
         SESSIONS_CLOSED.labels("full").inc()
