@@ -40,7 +40,8 @@ ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(BENCH))
 
-from scale_out_serving import CORPUS, cpu_name  # noqa: E402
+from loadgen import cpu_name  # noqa: E402
+from scale_out_serving import CORPUS  # noqa: E402
 
 from model.checkpoint import ModelCheckpoint  # noqa: E402
 from model.params import init_params  # noqa: E402

@@ -29,7 +29,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -68,22 +67,6 @@ NO_LISTENER = (
 )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def admin(query: str) -> None:
     import psycopg
 
@@ -115,7 +98,7 @@ class Server:
 @contextmanager
 def server(cmd: list[str], env: dict[str, str], log: Path) -> Iterator[Server]:
     """A `charnn serve` on a free port, up when /healthz answers."""
-    port = free_port()
+    port = loadgen.free_port(HOST)
     full = [*cmd, "serve", "--port", str(port), "--log-level", "warning"]
     with log.open("wb") as err:
         proc = subprocess.Popen(full, cwd=ROOT, env={**os.environ, **env}, stderr=err)
@@ -191,7 +174,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     data = model_to_bytes(ModelCheckpoint(init_params(args.hidden_size, len(vocab), rng), vocab))
     print(
-        f"# {time.strftime('%Y-%m-%d %H:%M')}  {cpu_name()}  {os.cpu_count()} cpus  "
+        f"# {time.strftime('%Y-%m-%d %H:%M')}  {loadgen.cpu_name()}  {os.cpu_count()} cpus  "
         f"Python {platform.python_version()}  H={args.hidden_size}  typed /predict, "
         f"{PEOPLE} people, closed loop, {args.seconds:g} s per phase, {args.rounds} rounds",
         flush=True,

@@ -32,7 +32,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -63,22 +62,6 @@ TYPED = 200  # keystrokes before a typing person starts another text
 ROWS = ("typed", "fresh", "score", "generate", "ws", "mixed")
 LOADS = ("closed32", "open100", "open300", "open1000")
 Make = Callable[[int], bytes]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 @contextmanager
@@ -373,7 +356,7 @@ def main() -> None:
     import uvicorn
 
     print(
-        f"# {time.strftime('%Y-%m-%d %H:%M')}  {cpu_name()}  {os.cpu_count()} cpus  "
+        f"# {time.strftime('%Y-%m-%d %H:%M')}  {loadgen.cpu_name()}  {os.cpu_count()} cpus  "
         f"Python {platform.python_version()}  numpy {np.__version__}  "
         f"FastAPI {fastapi.__version__}  uvicorn {uvicorn.__version__}  "
         f"{args.seconds:g} s per cell, log level {args.log_level}",
@@ -381,7 +364,7 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        port = free_port()
+        port = loadgen.free_port(HOST)
         serve = [str(CHARNN), "serve", "--port", str(port), "--data-dir", str(work / "data")]
         serve += ["--log-level", args.log_level]
         with process(serve, port, work / "charnn.log", {}) as url:
@@ -392,7 +375,7 @@ def main() -> None:
                 "charnn", url, f"ws://{HOST}:{port}/sessions?model={model_id}&top_k={TOP_K}"
             )
             sessions = answers(url, product.ws_url, text, work / "answers")
-            fport = free_port()
+            fport = loadgen.free_port(HOST)
             floor_cmd = [sys.executable, str(BENCH / "floor_app.py"), "--port", str(fport)]
             floor_cmd += ["--answers", str(work / "answers"), "--log-level", args.log_level]
             with process(floor_cmd, fport, work / "floor.log", {}) as furl:

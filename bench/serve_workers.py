@@ -31,13 +31,13 @@ import numpy as np
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
+from loadgen import cpu_name  # noqa: E402
 from scale_out_serving import (  # noqa: E402
     CHARNN,
     CORPUS,
     PEOPLE,
     PREFIX,
     TOP_K,
-    cpu_name,
     measure,
     server,
     typists,
