@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import asdict
 
 from fastapi.concurrency import run_in_threadpool
 
@@ -319,17 +320,8 @@ class JobService:
         return MetricsOut(
             job_id=job_id,
             points=[
-                MetricPointOut(
-                    step=p.step,
-                    elapsed_s=p.elapsed_s,
-                    train_loss=p.train_loss,
-                    val_loss=p.val_loss,
-                    grad_norm=p.grad_norm,
-                    clipped=p.clipped,
-                    learning_rate=p.learning_rate,
-                    chars_per_sec=p.chars_per_sec,
-                    sample=p.sample,
-                )
+                # the same fields, as the replayed events take them (app/jobs/replay.py)
+                MetricPointOut(**asdict(p))
                 for p in points
             ],
         )
